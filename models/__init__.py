@@ -1,0 +1,1 @@
+"""Learned length estimators (pure ML, no I/O): features, quantile models, conditional bounds."""

@@ -1,0 +1,9 @@
+"""Engine-agnostic scheduling policies and the SLO / goodput model.
+
+Depends on the standard library only, so the same objects run in the simulator and inside vLLM.
+"""
+
+from tempo.scheduler.goodput import ClassReport, GoodputReport, RequestOutcome, account
+from tempo.scheduler.slo import SLO, SLOClass
+
+__all__ = ["SLO", "ClassReport", "GoodputReport", "RequestOutcome", "SLOClass", "account"]

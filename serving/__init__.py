@@ -1,0 +1,1 @@
+"""Hosting: workloads, the engine simulator, the vLLM plug-in and the benchmark report."""

@@ -1,0 +1,213 @@
+"""Readers for the real data the workloads are built from, and the arrival processes.
+
+Every reader accepts any file of the same format (not only the vendored one) and raises TempoError
+naming the file and line on malformed input.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from tempo.data import data_path
+from tempo.errors import TempoError
+
+# CASTILLO samples at or above this are degenerate runs that hit the generator's cap (data README).
+DEGENERATE_LENGTH = 15_000
+CASTILLO_SAMPLES = tuple(f"out{i}" for i in range(10))
+CASTILLO_COLUMNS = ("dataset", "model", "prompt_id", "input_tokens", *CASTILLO_SAMPLES)
+
+
+@dataclass(frozen=True, slots=True)
+class LengthRow:
+    """One (prompt, served model) row of CASTILLO: the prompt's size and its sampled response lengths."""
+
+    dataset: str
+    model: str
+    prompt_id: str
+    input_tokens: int
+    samples: tuple[int, ...]  # valid (non-degenerate) response lengths, at least one
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One LLM call of a compound workflow."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Workflow:
+    """A compound job: stages of calls; every call of stage s depends on every call of stage s-1."""
+
+    workflow_id: str
+    stages: tuple[tuple[Call, ...], ...]
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if not path.is_file():
+        raise TempoError(f"file not found: {path}")
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return io.TextIOWrapper(path.open("rb"), encoding="utf-8")
+
+
+def castillo_lengths_path() -> Path:
+    return data_path("castillo", "castillo_lengths.csv.gz")
+
+
+def castillo_prompts_path() -> Path:
+    return data_path("castillo", "castillo_prompts.jsonl.gz")
+
+
+def deep_research_path() -> Path:
+    return data_path("agentic", "jitserve_deepresearch_training.json")
+
+
+def azure_conv_trace_path() -> Path:
+    return data_path("azure_llm_2023", "AzureLLMInferenceTrace_conv.csv")
+
+
+def load_length_rows(path: Path | None = None) -> list[LengthRow]:
+    """CASTILLO length rows, degenerate samples dropped (and rows left with none)."""
+    path = path or castillo_lengths_path()
+    rows: list[LengthRow] = []
+    with _open_text(path) as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in CASTILLO_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise TempoError(f"{path}: not a CASTILLO lengths file, missing columns {missing}")
+        for line, record in enumerate(reader, start=2):
+            try:
+                samples = tuple(int(float(record[c])) for c in CASTILLO_SAMPLES if record[c] not in ("", None))
+                input_tokens = int(float(record["input_tokens"]))
+            except (TypeError, ValueError):
+                raise TempoError(f"{path}:{line}: malformed row (token counts must be numbers)") from None
+            valid = tuple(s for s in samples if 0 < s < DEGENERATE_LENGTH)
+            if valid and input_tokens > 0:
+                rows.append(LengthRow(record["dataset"], record["model"], record["prompt_id"], input_tokens, valid))
+    if not rows:
+        raise TempoError(f"{path}: no usable rows")
+    return rows
+
+
+def load_prompts(path: Path | None = None) -> dict[str, str]:
+    """prompt_id -> prompt text from a JSONL(.gz) file with ``prompt_id`` and ``prompt_text``."""
+    path = path or castillo_prompts_path()
+    prompts: dict[str, str] = {}
+    with _open_text(path) as handle:
+        for line, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+                prompts[str(record["prompt_id"])] = str(record["prompt_text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise TempoError(f"{path}:{line}: expected a JSON object with prompt_id and prompt_text") from None
+    return prompts
+
+
+def load_workflows(path: Path | None = None) -> list[Workflow]:
+    """Compound workflows from the deep-research JSON (``[{request_id, stages: [{requests: [...]}]}]``)."""
+    path = path or deep_research_path()
+    with _open_text(path) as handle:
+        try:
+            raw = json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise TempoError(f"{path}: not JSON: {exc.msg}") from None
+    workflows: list[Workflow] = []
+    try:
+        for item in raw:
+            stages = tuple(
+                tuple(Call(int(c["input_tokens"]), int(c["output_tokens"])) for c in stage["requests"])
+                for stage in sorted(item["stages"], key=lambda s: int(s["stage_number"]))
+            )
+            if stages and all(stages) and all(c.input_tokens > 0 and c.output_tokens > 0 for s in stages for c in s):
+                workflows.append(Workflow(str(item["request_id"]), stages))
+    except (KeyError, TypeError, ValueError):
+        raise TempoError(f"{path}: malformed workflow entry (expected request_id, stages[].requests[])") from None
+    if not workflows:
+        raise TempoError(f"{path}: no usable workflows")
+    return workflows
+
+
+def _parse_timestamp(text: str) -> float:
+    """Seconds since the epoch from an ISO-like timestamp (any number of fraction digits) or a number."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    base, _, fraction = text.partition(".")
+    stamp = datetime.fromisoformat(base.replace("T", " "))
+    return stamp.timestamp() + (float("0." + fraction) if fraction else 0.0)
+
+
+def _trace_rows(path: Path) -> Iterator[tuple[int, str]]:
+    with _open_text(path) as handle:
+        reader = csv.reader(handle)
+        header = [h.strip() for h in next(reader, [])]
+        if "TIMESTAMP" not in header:
+            raise TempoError(f"{path}:1: not an arrival trace: expected a TIMESTAMP column, got {header}")
+        column = header.index("TIMESTAMP")
+        for line, row in enumerate(reader, start=2):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) != len(header):
+                raise TempoError(f"{path}:{line}: malformed trace row: {len(row)} fields, header has {len(header)}")
+            yield line, row[column]
+
+
+def load_arrival_trace(path: Path) -> np.ndarray:
+    """Arrival times (seconds, from 0, sorted) of a trace in the Azure CSV format."""
+    times: list[float] = []
+    for line, value in _trace_rows(path):
+        try:
+            times.append(_parse_timestamp(value))
+        except ValueError:
+            raise TempoError(f"{path}:{line}: malformed trace row: bad TIMESTAMP {value!r}") from None
+    if len(times) < 2:
+        raise TempoError(f"{path}: an arrival trace needs at least two rows")
+    arr = np.sort(np.asarray(times, dtype=float))
+    if arr[-1] <= arr[0]:
+        raise TempoError(f"{path}: all arrivals share one timestamp; the trace has no time span")
+    return arr - arr[0]
+
+
+def poisson_arrivals(rate: float, duration_s: float, rng: np.random.Generator) -> np.ndarray:
+    """Arrival times of a Poisson process of ``rate`` per second over ``[0, duration_s)``."""
+    expected = rate * duration_s
+    gaps = rng.exponential(1.0 / rate, size=int(expected + 10 * np.sqrt(expected) + 10))
+    times = np.cumsum(gaps) - gaps[0]
+    while times[-1] < duration_s:  # extremely unlikely; extend rather than truncate the process
+        more = rng.exponential(1.0 / rate, size=len(gaps))
+        times = np.concatenate([times, times[-1] + np.cumsum(more)])
+    return times[times < duration_s]
+
+
+def trace_arrivals(trace_s: np.ndarray, rate: float, duration_s: float, rng: np.random.Generator) -> np.ndarray:
+    """``round(rate * duration)`` arrivals in ``[0, duration_s)`` with the trace's burst shape.
+
+    Takes that many consecutive inter-arrival gaps from a seeded random point of the trace (wrapping
+    around its end) and rescales the window to ``duration_s``, so the rate is exactly the target while
+    bursts keep their relative shape.
+    """
+    gaps = np.diff(trace_s)
+    wrap_gap = float(trace_s[-1]) / max(len(gaps), 1)  # join the end of the trace to its start
+    gaps = np.append(gaps, wrap_gap)
+    count = max(1, round(rate * duration_s))
+    start = int(rng.integers(len(gaps)))
+    window = np.take(gaps, np.arange(start, start + count), mode="wrap")
+    total = float(window.sum())
+    if total <= 0:
+        raise TempoError("the chosen trace window has no time span; use a longer trace or duration")
+    return np.concatenate([[0.0], np.cumsum(window[:-1])]) * (duration_s / total)

@@ -1,0 +1,86 @@
+"""The ``tempo`` command line: one Typer app; each part of the system adds its sub-commands here.
+
+Errors a user can cause (bad arguments, missing or malformed files) print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tempo.errors import TempoError
+from tempo.serving.cli import print_summary, workload_app
+
+app = typer.Typer(
+    name="tempo",
+    help="Tempo: SLO-aware LLM serving. Workloads, length estimator, scheduler benchmark and serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(workload_app, name="workload")
+
+
+def _not_built_yet(what: str, issue: int) -> None:
+    raise TempoError(f"'{what}' is not available yet (tracked in issue #{issue})")
+
+
+@app.command("estimator", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def estimator() -> None:
+    """Length estimator: eval, serve, retrain, loadtest (issues #5 and #3)."""
+    _not_built_yet("tempo estimator", 5)
+
+
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench() -> None:
+    """Goodput benchmark of scheduling policies on the engine simulator (issue #4)."""
+    _not_built_yet("tempo bench", 4)
+
+
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve() -> None:
+    """OpenAI-compatible endpoint on vLLM with the Tempo scheduler (vLLM integration issue)."""
+    _not_built_yet("tempo serve", 4)
+
+
+@app.command("demo")
+def demo(
+    rps: Annotated[float, typer.Option(help="Arrivals per second.")] = 3.0,
+    duration: Annotated[float, typer.Option(help="Seconds of arrivals.")] = 120.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """The main job end to end: for now, build a mixed workload from real data and summarise it."""
+    from tempo.serving.workload_builder import WorkloadSpec, build_workload
+    from tempo.serving.workload_sources import azure_conv_trace_path
+    from tempo.serving.workload_stats import summarize
+
+    spec = WorkloadSpec(rps=rps, duration_s=duration, arrivals=str(azure_conv_trace_path()), seed=seed)
+    console = Console()
+    console.print(f"building a {duration:.0f} s workload at {rps} arrivals/s, mix 1:1:1, Azure conv arrivals")
+    print_summary(summarize(build_workload(spec)), console)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app, turning user errors into one line on stderr and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="tempo", standalone_mode=False)
+    except TempoError as exc:
+        print(f"tempo: error: {exc}", file=sys.stderr)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        print("tempo: aborted", file=sys.stderr)
+        return 130
+    except typer.TyperException as exc:  # usage errors: bad option values, unknown commands
+        print(f"tempo: error: {exc.format_message()}", file=sys.stderr)
+        return exc.exit_code
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
