@@ -20,6 +20,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from tempo.scheduler.slo import SLO, SLOClass
@@ -47,7 +48,7 @@ class RequestOutcome:
         times = self.token_times_s
         if times and times[0] < self.arrival_s - TIME_EPS_S:
             raise ValueError(f"{self.request_id}: a token was emitted before the request arrived")
-        if any(b < a for a, b in zip(times, times[1:], strict=False)):
+        if any(b < a for a, b in pairwise(times)):
             raise ValueError(f"{self.request_id}: token times must be non-decreasing")
         if self.finished and not times:
             raise ValueError(f"{self.request_id}: a finished request has emitted at least one token")
@@ -189,7 +190,7 @@ def _per_token_stats(outcomes: Iterable[RequestOutcome]) -> tuple[list[float], l
         times = o.token_times_s
         if times:
             ttft.append(times[0] - o.arrival_s)
-            tbt.extend(b - a for a, b in zip(times, times[1:], strict=False))
+            tbt.extend(b - a for a, b in pairwise(times))
     return ttft, tbt
 
 
@@ -232,7 +233,11 @@ def account(
             if cls is SLOClass.LATENCY:
                 good = sum(latency_good_tokens(o, decode_weight) for o in members)
             else:
-                good = sum(o.prompt_tokens + decode_weight * o.output_tokens for o, f in zip(members, flags, strict=True) if f)
+                good = sum(
+                    o.prompt_tokens + decode_weight * o.output_tokens
+                    for o, f in zip(members, flags, strict=True)
+                    if f
+                )
             e2e = [o.token_times_s[-1] - o.arrival_s for o in members if o.finished]
             units, met = len(members), sum(flags)
         attainment = None if cls is SLOClass.BEST_EFFORT or units == 0 else met / units

@@ -7,7 +7,7 @@ accounting all read the same object, so "what counts as on time" is defined once
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from enum import Enum
+from enum import StrEnum
 
 DEFAULT_TTFT_S = 2.0
 DEFAULT_TBT_S = 0.1
@@ -15,7 +15,7 @@ DEFAULT_DEADLINE_S = 20.0
 DEFAULT_STAGE_DEADLINE_S = 20.0  # a compound job's deadline is this times its number of stages
 
 
-class SLOClass(str, Enum):
+class SLOClass(StrEnum):
     """The four request classes; the value is the wire name (JSON, CLI, vLLM extra_args)."""
 
     LATENCY = "latency"  # streaming chat: TTFT and a per-token pace

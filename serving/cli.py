@@ -9,7 +9,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
-
 from tempo.serving.workload import read_workload, write_workload
 from tempo.serving.workload_builder import DEFAULT_MODEL, ClassMix, WorkloadSpec, build_workload
 from tempo.serving.workload_stats import summarize

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tempo.scheduler.slo import SLO, SLOClass
 
 from tempo.errors import TempoError
-from tempo.scheduler.slo import SLO, SLOClass
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 

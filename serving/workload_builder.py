@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from tempo.errors import TempoError
 from tempo.scheduler.slo import (
     DEFAULT_DEADLINE_S,
     DEFAULT_STAGE_DEADLINE_S,
@@ -39,6 +37,8 @@ from tempo.serving.workload_sources import (
     poisson_arrivals,
     trace_arrivals,
 )
+
+from tempo.errors import TempoError
 
 DEFAULT_MODEL = "meta-llama--Llama-3.1-8B-Instruct"
 CHAT_DATASETS = ("Alpaca", "DollyDataset", "ShareGPT")

@@ -16,8 +16,8 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-
 from tempo.data import data_path
+
 from tempo.errors import TempoError
 
 # CASTILLO samples at or above this are degenerate runs that hit the generator's cap (data README).

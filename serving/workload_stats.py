@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
 from tempo.scheduler.slo import SLOClass
 from tempo.serving.workload import WorkloadRequest
 
@@ -59,6 +58,11 @@ def summarize(requests: Sequence[WorkloadRequest]) -> dict[str, Any]:
     n_arrivals = len(arrival_times)
     span = (max(arrival_times) - min(arrival_times)) if arrival_times else 0.0
 
+    tiers_by_arrival: dict[str, list[int]] = defaultdict(list)
+    for r in singles:
+        tiers_by_arrival[r.slo_class.value].append(r.slo_tier)
+    tiers_by_arrival[SLOClass.COMPOUND.value] = [calls[0].slo_tier for calls in jobs.values()]
+
     per_class: dict[str, Any] = {}
     for cls in SLOClass:
         members = [r for r in requests if r.slo_class is cls]
@@ -68,7 +72,7 @@ def summarize(requests: Sequence[WorkloadRequest]) -> dict[str, Any]:
                 "arrivals": arrivals_by_class[cls.value],
                 "prompt_tokens": length_summary([r.prompt_tokens for r in members]),
                 "output_tokens": length_summary([r.output_tokens for r in members]),
-                "tiers": dict(sorted(Counter(r.slo_tier for r in members if r.stage in (None, 0)).items())),
+                "tiers": dict(sorted(Counter(tiers_by_arrival[cls.value]).items())),
             }
     structure_errors = [e for calls in jobs.values() for e in stage_structure_errors(calls)]
     stages = [1 + max(c.stage or 0 for c in calls) for calls in jobs.values()]
