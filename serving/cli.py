@@ -16,6 +16,12 @@ from tempo.serving.workload_stats import summarize
 workload_app = typer.Typer(help="Build mixed-class workloads from real data and summarise them.", no_args_is_help=True)
 
 
+def make_console() -> Console:
+    """A rich console; output that is not a terminal gets a width that fits the tables."""
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 120))
+
+
 def parse_tiers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(t) for t in text.split(","))
@@ -67,7 +73,7 @@ def stats(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
-        print_summary(summary, Console())
+        print_summary(summary, make_console())
 
 
 def print_summary(summary: dict[str, Any], console: Console) -> None:
@@ -78,7 +84,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         f"{summary['span_s']:.1f} s = [bold]{rate if rate is not None else '-'}[/] arrivals/s"
     )
     table = Table(title="per class")
-    for column in ("class", "arrivals", "share", "requests", "prompt p50/90/99", "output p50/90/99", "tiers"):
+    for column in ("class", "arrivals", "share", "requests", "prompt p50/90/99", "output p50/90/99", "per tier"):
         table.add_column(column, justify="right" if column != "class" else "left")
     for name, row in summary["per_class"].items():
         p, o = row["prompt_tokens"], row["output_tokens"]
@@ -89,7 +95,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
             str(row["requests"]),
             f"{p['p50']:.0f}/{p['p90']:.0f}/{p['p99']:.0f}",
             f"{o['p50']:.0f}/{o['p90']:.0f}/{o['p99']:.0f}",
-            " ".join(f"x{t}:{n}" for t, n in row["tiers"].items()),
+            "/".join(str(n) for n in row["tiers"].values()),
         )
     console.print(table)
     compound = summary["compound"]

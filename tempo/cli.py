@@ -9,10 +9,9 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from tempo.errors import TempoError
-from tempo.serving.cli import print_summary, workload_app
+from tempo.serving.cli import make_console, print_summary, workload_app
 
 app = typer.Typer(
     name="tempo",
@@ -58,7 +57,7 @@ def demo(
     from tempo.serving.workload_stats import summarize
 
     spec = WorkloadSpec(rps=rps, duration_s=duration, arrivals=str(azure_conv_trace_path()), seed=seed)
-    console = Console()
+    console = make_console()
     console.print(f"building a {duration:.0f} s workload at {rps} arrivals/s, mix 1:1:1, Azure conv arrivals")
     print_summary(summarize(build_workload(spec)), console)
 
