@@ -53,7 +53,7 @@ class BoundLadder:
         ``max_tokens`` when known, else the last step's remaining length added to ``generated``.
         """
         index = bisect_right(self.steps, (generated, 1 << 62)) - 1
-        k, bound = self.steps[max(index, 0)]
+        _, bound = self.steps[max(index, 0)]
         if bound > generated:
             return bound
         if max_tokens is not None and max_tokens > generated:

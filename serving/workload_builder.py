@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tempo.data.castillo import LengthRow, load_length_rows, load_prompts
 from tempo.scheduler.slo import (
     DEFAULT_DEADLINE_S,
     DEFAULT_STAGE_DEADLINE_S,
@@ -28,11 +29,8 @@ from tempo.scheduler.slo import (
 )
 from tempo.serving.workload import WorkloadRequest
 from tempo.serving.workload_sources import (
-    LengthRow,
     Workflow,
     load_arrival_trace,
-    load_length_rows,
-    load_prompts,
     load_workflows,
     poisson_arrivals,
     trace_arrivals,

@@ -7,8 +7,6 @@ naming the file and line on malformed input.
 from __future__ import annotations
 
 import csv
-import gzip
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,24 +15,9 @@ from pathlib import Path
 
 import numpy as np
 from tempo.data import data_path
+from tempo.data.castillo import open_text as _open_text
 
 from tempo.errors import TempoError
-
-# CASTILLO samples at or above this are degenerate runs that hit the generator's cap (data README).
-DEGENERATE_LENGTH = 15_000
-CASTILLO_SAMPLES = tuple(f"out{i}" for i in range(10))
-CASTILLO_COLUMNS = ("dataset", "model", "prompt_id", "input_tokens", *CASTILLO_SAMPLES)
-
-
-@dataclass(frozen=True, slots=True)
-class LengthRow:
-    """One (prompt, served model) row of CASTILLO: the prompt's size and its sampled response lengths."""
-
-    dataset: str
-    model: str
-    prompt_id: str
-    input_tokens: int
-    samples: tuple[int, ...]  # valid (non-degenerate) response lengths, at least one
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,67 +36,12 @@ class Workflow:
     stages: tuple[tuple[Call, ...], ...]
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if not path.is_file():
-        raise TempoError(f"file not found: {path}")
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return io.TextIOWrapper(path.open("rb"), encoding="utf-8")
-
-
-def castillo_lengths_path() -> Path:
-    return data_path("castillo", "castillo_lengths.csv.gz")
-
-
-def castillo_prompts_path() -> Path:
-    return data_path("castillo", "castillo_prompts.jsonl.gz")
-
-
 def deep_research_path() -> Path:
     return data_path("agentic", "jitserve_deepresearch_training.json")
 
 
 def azure_conv_trace_path() -> Path:
     return data_path("azure_llm_2023", "AzureLLMInferenceTrace_conv.csv")
-
-
-def load_length_rows(path: Path | None = None) -> list[LengthRow]:
-    """CASTILLO length rows, degenerate samples dropped (and rows left with none)."""
-    path = path or castillo_lengths_path()
-    rows: list[LengthRow] = []
-    with _open_text(path) as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in CASTILLO_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise TempoError(f"{path}: not a CASTILLO lengths file, missing columns {missing}")
-        for line, record in enumerate(reader, start=2):
-            try:
-                samples = tuple(int(float(record[c])) for c in CASTILLO_SAMPLES if record[c] not in ("", None))
-                input_tokens = int(float(record["input_tokens"]))
-            except (TypeError, ValueError):
-                raise TempoError(f"{path}:{line}: malformed row (token counts must be numbers)") from None
-            valid = tuple(s for s in samples if 0 < s < DEGENERATE_LENGTH)
-            if valid and input_tokens > 0:
-                rows.append(LengthRow(record["dataset"], record["model"], record["prompt_id"], input_tokens, valid))
-    if not rows:
-        raise TempoError(f"{path}: no usable rows")
-    return rows
-
-
-def load_prompts(path: Path | None = None) -> dict[str, str]:
-    """prompt_id -> prompt text from a JSONL(.gz) file with ``prompt_id`` and ``prompt_text``."""
-    path = path or castillo_prompts_path()
-    prompts: dict[str, str] = {}
-    with _open_text(path) as handle:
-        for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-                prompts[str(record["prompt_id"])] = str(record["prompt_text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise TempoError(f"{path}:{line}: expected a JSON object with prompt_id and prompt_text") from None
-    return prompts
 
 
 def load_workflows(path: Path | None = None) -> list[Workflow]:

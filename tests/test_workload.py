@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tempo.data.castillo import DEGENERATE_LENGTH, load_length_rows
 from tempo.scheduler.slo import SLOClass
 from tempo.serving.workload import WorkloadRequest, read_workload, write_workload
 from tempo.serving.workload_builder import ClassMix, WorkloadSpec, build_workload
 from tempo.serving.workload_sources import (
-    DEGENERATE_LENGTH,
     azure_conv_trace_path,
     load_arrival_trace,
-    load_length_rows,
     load_workflows,
     poisson_arrivals,
     trace_arrivals,
