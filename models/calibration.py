@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
+GroupKeys = str | tuple[str, ...]  # one key, or a chain from the most specific group to the least
 
 
 def conformal_quantile(scores: FloatArray, quantile: float) -> float:
@@ -49,23 +50,30 @@ class MondrianCalibrator:
     by_group_: dict[str, float] = field(default_factory=dict)
     counts_: dict[str, int] = field(default_factory=dict)
 
-    def fit(self, raw: FloatArray, true: FloatArray, groups: Sequence[str] | None = None) -> MondrianCalibrator:
+    def fit(self, raw: FloatArray, true: FloatArray, groups: Sequence[GroupKeys] | None = None) -> MondrianCalibrator:
+        """``groups[i]`` is sample i's chain of group keys, most specific first (e.g. ("model|app", "app"))."""
         scores = np.log(np.asarray(true, dtype=float)) - np.log(np.asarray(raw, dtype=float))
         self.pooled_ = _finite(conformal_quantile(scores, self.quantile), scores)
         self.by_group_, self.counts_ = {}, {}
         if groups is not None:
-            labels = np.asarray(groups)
-            for group in np.unique(labels):
-                mask = labels == group
-                self.counts_[str(group)] = int(mask.sum())
-                if mask.sum() >= self.min_group:
-                    self.by_group_[str(group)] = _finite(conformal_quantile(scores[mask], self.quantile), scores[mask])
+            members: dict[str, list[int]] = {}
+            for i, chain in enumerate(groups):
+                for key in _chain(chain):
+                    members.setdefault(key, []).append(i)
+            for key, rows in members.items():
+                self.counts_[key] = len(rows)
+                if len(rows) >= self.min_group:
+                    self.by_group_[key] = _finite(conformal_quantile(scores[rows], self.quantile), scores[rows])
         return self
 
-    def offset(self, group: str | None) -> float:
-        return self.by_group_.get(group, self.pooled_) if group is not None else self.pooled_
+    def offset(self, chain: GroupKeys | None) -> float:
+        """The offset of the most specific group in ``chain`` that had enough samples, else the pooled one."""
+        for key in _chain(chain):
+            if key in self.by_group_:
+                return self.by_group_[key]
+        return self.pooled_
 
-    def apply(self, raw: FloatArray, groups: Sequence[str | None] | None = None) -> FloatArray:
+    def apply(self, raw: FloatArray, groups: Sequence[GroupKeys | None] | None = None) -> FloatArray:
         raw = np.asarray(raw, dtype=float)
         if groups is None:
             return raw * math.exp(self.pooled_)
@@ -80,6 +88,12 @@ class MondrianCalibrator:
     def from_dict(cls, data: dict[str, Any]) -> MondrianCalibrator:
         return cls(quantile=data["quantile"], min_group=data["min_group"], pooled_=data["pooled"],
                    by_group_=dict(data["by_group"]), counts_=dict(data.get("counts", {})))
+
+
+def _chain(chain: GroupKeys | None) -> tuple[str, ...]:
+    if chain is None:
+        return ()
+    return (chain,) if isinstance(chain, str) else tuple(chain)
 
 
 def _finite(value: float, scores: FloatArray) -> float:

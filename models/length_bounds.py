@@ -60,6 +60,22 @@ class LengthSamples:
         apps = [app_key(r.app) for r in self.requests]
         return [apps[i] for i in self.request_index]
 
+    @property
+    def sample_groups(self) -> list[tuple[str, str]]:
+        """Per sample, its calibration group chain: (served model | app, app)."""
+        chains = [group_chain(r) for r in self.requests]
+        return [chains[i] for i in self.request_index]
+
+    def subset(self, sample_rows: npt.NDArray[np.int64]) -> LengthSamples:
+        """The samples at ``sample_rows`` (requests kept whole, so indices stay valid)."""
+        return LengthSamples(self.requests, self.request_index[sample_rows], self.lengths[sample_rows])
+
+
+def group_chain(request: RequestInfo) -> tuple[str, str]:
+    """Mondrian calibration groups of a request, most specific first: (model|app, app)."""
+    app = app_key(request.app)
+    return (f"{request.model or '-'}|{app}", app)
+
 
 def with_k(X: FloatArray, k: FloatArray) -> FloatArray:
     """Request features plus the conditioning feature log1p(k)."""
@@ -141,8 +157,8 @@ class LengthBoundModel:
         model, X = self._model(), self._features(samples.requests)
         target = min(self.quantile + self.coverage_margin, 0.999)
         raw0 = model.predict_quantile(with_k(X, np.zeros(len(X))))[samples.request_index]
-        apps = samples.sample_apps if groups_by_app else None
-        level0 = MondrianCalibrator(target).fit(raw0, samples.lengths, apps)
+        groups = samples.sample_groups if groups_by_app else None
+        level0 = MondrianCalibrator(target).fit(raw0, samples.lengths, groups)
         b0 = self._b0(X, samples.requests, level0)[samples.request_index]
         offsets, survivors = [], []
         for f in self.fractions:
@@ -159,6 +175,27 @@ class LengthBoundModel:
         self.calibration_ = LadderCalibration(level0, self.fractions[: len(offsets)], offsets, survivors)
         return self
 
+    def recalibrated(self, samples: LengthSamples) -> LengthBoundModel:
+        """A copy recalibrated on a few completions of a new served model (or a drifted one).
+
+        Level 0 gets a fresh pooled offset from ``samples`` (too few for per-app groups); the ladder's
+        levels keep their shape and move by the same change, since an under-predicting model is off by
+        a similar factor at every k.
+        """
+        if self.calibration_ is None:
+            raise RuntimeError("calibrate the model first")
+        model, X = self._model(), self._features(samples.requests)
+        raw0 = model.predict_quantile(with_k(X, np.zeros(len(X))))[samples.request_index]
+        target = min(self.quantile + self.coverage_margin, 0.999)
+        level0 = MondrianCalibrator(target).fit(raw0, samples.lengths)
+        delta = level0.pooled_ - self.calibration_.level0.pooled_
+        copy = replace(self)
+        copy.calibration_ = LadderCalibration(
+            level0, self.calibration_.fractions, [o + delta for o in self.calibration_.offsets],
+            list(self.calibration_.survivors),
+        )
+        return copy
+
     # -- prediction ------------------------------------------------------------------------------
     def _model(self) -> QuantileModel:
         if self.model_ is None or self.featurizer_ is None:
@@ -171,7 +208,7 @@ class LengthBoundModel:
 
     def _b0(self, X: FloatArray, requests: Sequence[RequestInfo], level0: MondrianCalibrator) -> FloatArray:
         raw = self._model().predict_quantile(with_k(X, np.zeros(len(X))))
-        return np.ceil(level0.apply(raw, [app_key(r.app) for r in requests]))
+        return np.ceil(level0.apply(raw, [group_chain(r) for r in requests]))
 
     def predict_bound(self, requests: Sequence[RequestInfo]) -> FloatArray:
         """Calibrated initial bound B0 per request (the raw model bound when not calibrated)."""

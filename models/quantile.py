@@ -70,7 +70,7 @@ class LightGBMQuantile:
             "bagging_freq": 1,
             "feature_fraction": self.colsample,
             "seed": self.seed,
-            "num_threads": 2,
+            "num_threads": 1,  # OpenMP spin-waits collapse when cores are shared; one thread is predictable
             "verbosity": -1,
             "deterministic": True,
             "force_row_wise": True,
