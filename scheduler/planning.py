@@ -1,0 +1,158 @@
+"""Small pure functions the policies compose: deadlines, ordering keys, packing into capacity, victims.
+
+A new policy is an ordering (and perhaps an admission rule) plus ``pack``: it should rarely need more.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from tempo.scheduler.interface import Decision, EngineLimits, Phase, Preemption, PreemptMode, RequestState
+from tempo.scheduler.slo import SLOClass
+
+INF = math.inf
+# vLLM keeps this share of the KV cache free when admitting new requests, so running ones can grow.
+WATERMARK_FRACTION = 0.01
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size) if tokens > 0 else 0
+
+
+def kv_need(request: RequestState, block_size: int) -> int:
+    """Blocks a request must get before it can make progress: none when resident, its swapped blocks
+    when swapped, else the blocks of everything it has to (re)compute plus its next token."""
+    if request.phase is Phase.RUNNING:
+        return 0
+    if request.phase is Phase.SWAPPED:
+        return request.kv_blocks
+    return blocks_for(request.prompt_tokens + request.generated + 1, block_size)
+
+
+def slo_deadline(request: RequestState) -> float:
+    """Absolute time of the request's next obligation: the next token's due time (latency), the response
+    deadline (deadline) or the job deadline (compound); infinity for best effort."""
+    slo = request.slo
+    cls = slo.slo_class
+    if request.demoted or cls is SLOClass.BEST_EFFORT:
+        return INF
+    if cls is SLOClass.LATENCY:
+        assert slo.ttft_s is not None and slo.tbt_s is not None
+        return request.arrival_s + slo.ttft_s + request.generated * slo.tbt_s
+    if cls is SLOClass.DEADLINE:
+        assert slo.deadline_s is not None
+        return request.arrival_s + slo.deadline_s
+    assert slo.job_deadline_s is not None
+    start = request.job.job_arrival_s if request.job is not None else request.arrival_s
+    return start + slo.job_deadline_s
+
+
+def arrival_key(request: RequestState) -> tuple[float, str]:
+    """FCFS order (compound calls by their job's arrival, so a job's later stages keep its place)."""
+    start = request.job.job_arrival_s if request.job is not None else request.arrival_s
+    return (start, request.request_id)
+
+
+def residents(requests: Iterable[RequestState]) -> list[RequestState]:
+    return [r for r in requests if r.phase is Phase.RUNNING]
+
+
+@dataclass(frozen=True, slots=True)
+class Packing:
+    """Requests admitted (in order) and residents to evict so that they fit."""
+
+    run: tuple[RequestState, ...]
+    evict: tuple[RequestState, ...] = ()
+
+
+def pack(
+    ordered: Sequence[RequestState],
+    limits: EngineLimits,
+    *,
+    preempt: bool = False,
+    stop_at_blocked: bool = False,
+    others: Sequence[RequestState] = (),
+    can_evict: Callable[[RequestState, RequestState], bool] | None = None,
+    max_requests: int | None = None,
+) -> Packing:
+    """Admit ``ordered`` in order into ``max_requests`` (default: ``max_running``) and the free KV blocks.
+
+    Residents already hold their blocks. A non-resident needs ``kv_need`` blocks from the free pool (less
+    a vLLM-style watermark). With ``preempt``, residents ranked after it (or not in ``ordered``: pass them as
+    ``others``) are evicted to make room, lowest first, when ``can_evict(victim, newcomer)`` allows.
+    ``stop_at_blocked``: stop at the first request that does not fit (vLLM's FCFS head-of-line rule).
+    """
+    slots = limits.max_running if max_requests is None else max_requests
+    watermark = int(limits.kv_blocks_total * WATERMARK_FRACTION)
+    free = limits.kv_blocks_free - watermark
+    block = limits.block_size
+    run: list[RequestState] = []
+    evicted: list[RequestState] = []
+    evicted_ids: set[str] = set()
+    pool: list[RequestState] | None = None  # eviction candidates, first to evict last
+    rank: dict[str, int] = {}
+    for position, request in enumerate(ordered):
+        if len(run) >= slots:
+            break
+        if request.phase is Phase.RUNNING:
+            if request.request_id not in evicted_ids:
+                run.append(request)
+            continue
+        need = kv_need(request, block)
+        if need > free and preempt:
+            if pool is None:
+                rank = {r.request_id: i for i, r in enumerate(ordered)}
+                pool = [r for r in ordered if r.phase is Phase.RUNNING]
+                pool[:0] = [r for r in others if r.phase is Phase.RUNNING and r.request_id not in rank]
+            while need > free and pool:
+                # unwanted residents (``others``, at the front) go first, then the lowest-ranked one
+                # if it ranks below this request
+                if pool[0].request_id not in rank:
+                    victim: RequestState | None = pool[0]
+                else:
+                    victim = pool[-1] if rank[pool[-1].request_id] > position else None
+                if victim is None or (can_evict is not None and not can_evict(victim, request)):
+                    break
+                pool.remove(victim)
+                evicted.append(victim)
+                evicted_ids.add(victim.request_id)
+                free += victim.kv_blocks
+        if need <= free:
+            run.append(request)
+            free -= need
+        elif stop_at_blocked:
+            break
+    return Packing(tuple(run), tuple(evicted))
+
+
+def decision_from(
+    packing: Packing,
+    *,
+    mode: PreemptMode = PreemptMode.RECOMPUTE,
+    reject: Sequence[str] = (),
+    demote: Sequence[str] = (),
+    token_budget: int | None = None,
+    note: str = "",
+) -> Decision:
+    return Decision(
+        run=tuple(r.request_id for r in packing.run),
+        preempt=tuple(Preemption(r.request_id, mode) for r in packing.evict),
+        reject=tuple(reject),
+        demote=tuple(demote),
+        token_budget=token_budget,
+        preempt_mode=mode,
+        note=note,
+    )
+
+
+def cheaper_mode(request: RequestState, limits: EngineLimits, swap_s_per_block: float | None,
+                 recompute_s_per_token: float) -> tuple[PreemptMode, float]:
+    """Recompute or swap, whichever costs less engine time, and that cost in seconds."""
+    recompute = (request.prompt_tokens + request.generated) * recompute_s_per_token
+    if swap_s_per_block is not None and limits.swap_blocks_free >= request.kv_blocks:
+        swap = 2 * request.kv_blocks * swap_s_per_block  # out now, back in later
+        if swap < recompute:
+            return PreemptMode.SWAP, swap
+    return PreemptMode.RECOMPUTE, recompute
