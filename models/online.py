@@ -229,6 +229,10 @@ class OnlineLengthLearner:
         self.counts_[count_key] = self.counts_.get(count_key, 0) + 1
         self.n_applied_ += 1
 
+    def reset_source(self, source: str) -> None:
+        """Forget the calibrators of one source (a new batch model comes with its own calibration)."""
+        self.calibrators_ = {k: c for k, c in self.calibrators_.items() if not k.startswith(f"{source}|")}
+
     def learn_many(self, observations: Sequence[Observation]) -> None:
         for obs in observations:
             self.learn_one(obs)

@@ -1,0 +1,235 @@
+"""The estimator's in-memory core: the served batch model, the online learner and the fallback bounds.
+
+Everything a request needs is in memory, so ``/v1/estimate`` keeps answering while Redis is down. The
+served model is swapped by replacing one reference (``swap``): a request in flight finishes on the model
+it started with, none is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tempo.estimator.schemas import EstimateRequest, EstimateResponse
+from tempo.models.artifact import MANIFEST, ArtifactError, load_artifact
+from tempo.models.features import FeatureSpec, PromptSketch, RequestInfo, app_key
+from tempo.models.length_bounds import LengthBoundModel
+from tempo.models.online import Observation, OnlineLengthLearner
+from tempo.scheduler.bounds import BoundLadder
+
+CLASSES = ("latency", "deadline", "compound", "best_effort")
+
+
+def manifest_digest(directory: Path) -> str:
+    return hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    version: str
+    model: LengthBoundModel
+    digest: str
+    apps: frozenset[str]
+    models: frozenset[str]
+
+    @classmethod
+    def load(cls, directory: Path, expected_digest: str | None = None) -> ServedModel:
+        """Verify (checksums, and the registry's manifest digest when given) and load an artifact."""
+        digest = manifest_digest(directory) if (directory / MANIFEST).is_file() else ""
+        if expected_digest is not None and digest != expected_digest:
+            raise ArtifactError(f"{directory}: manifest digest differs from the registry's (tampered or replaced)")
+        model = load_artifact(directory)
+        version = directory.name
+        spec = model.spec
+        return cls(version, model, digest, frozenset(spec.apps), frozenset(spec.models))
+
+    def knows(self, request: RequestInfo) -> bool:
+        """The batch model saw this request's served model and app in training."""
+        model_ok = request.model is None or request.model in self.models
+        app_ok = request.app is None or app_key(request.app) in self.apps
+        return model_ok and app_ok
+
+
+class FallbackBounds:
+    """Per-class empirical q-quantile of recent completion lengths (``fallback: true`` answers)."""
+
+    def __init__(self, quantile: float, window: int = 2000, default: int = 1024, min_samples: int = 20) -> None:
+        self.quantile = quantile
+        self.default = default
+        self.min_samples = min_samples
+        self._lengths: dict[str, deque[int]] = {c: deque(maxlen=window) for c in CLASSES}
+        self._cache: dict[str, int] = {}
+        self._all: deque[int] = deque(maxlen=window)
+
+    def observe(self, slo_class: str, length: int) -> None:
+        self._lengths.setdefault(slo_class, deque(maxlen=self._all.maxlen)).append(int(length))
+        self._all.append(int(length))
+        self._cache.clear()
+
+    def bound(self, slo_class: str) -> int:
+        if slo_class not in self._cache:
+            values = self._lengths.get(slo_class) or ()
+            if len(values) < self.min_samples:
+                values = self._all
+            if len(values) < self.min_samples:
+                self._cache[slo_class] = self.default
+            else:
+                value = float(np.quantile(np.fromiter(values, float), self.quantile))
+                self._cache[slo_class] = max(1, math.ceil(value))
+        return self._cache[slo_class]
+
+
+@dataclass
+class CoverageTracker:
+    """Rolling coverage and overestimation (bound / length) of recent completions per (model, class)."""
+
+    window: int = 500
+    max_keys: int = 100  # label cardinality cap: later keys share ("other", class)
+    recent: dict[tuple[str, str], deque[tuple[bool, float]]] = field(default_factory=dict)
+
+    def observe(self, model: str | None, slo_class: str, bound: int, length: int) -> tuple[str, str]:
+        key = (model or "unknown", slo_class)
+        if key not in self.recent and len(self.recent) >= self.max_keys:
+            key = ("other", slo_class)
+        window = self.recent.setdefault(key, deque(maxlen=self.window))
+        window.append((length <= bound, bound / max(length, 1)))
+        return key
+
+    def summary(self, key: tuple[str, str]) -> tuple[float, float]:
+        window = self.recent[key]
+        return sum(c for c, _ in window) / len(window), sum(r for _, r in window) / len(window)
+
+
+def estimate_prompt_tokens(request: EstimateRequest) -> int:
+    if request.prompt_tokens is not None:
+        return request.prompt_tokens
+    return max(1, math.ceil(len(request.prompt or "") / 4))  # ~4 characters per token
+
+
+def _scaled(ladder: BoundLadder, factor: float, max_tokens: int | None) -> list[tuple[int, int]]:
+    """The ladder's bounds times ``factor``, capped at ``max_tokens``, kept monotone and above k."""
+    steps: list[tuple[int, int]] = []
+    for k, bound in ladder.steps:
+        if max_tokens is not None and k >= max_tokens:
+            break
+        value = max(math.ceil(bound * factor), k + 1)
+        if max_tokens is not None:
+            value = min(value, max_tokens)
+        if steps:
+            value = max(value, steps[-1][1])
+        steps.append((int(k), int(value)))
+    return steps or [(0, 1)]
+
+
+class Estimator:
+    """Bounds for requests from whatever is available: batch model, River model, fallback."""
+
+    def __init__(self, quantile: float, learner: OnlineLengthLearner | None = None,
+                 fallback: FallbackBounds | None = None) -> None:
+        self.quantile = quantile
+        self.learner = learner or OnlineLengthLearner(quantile=quantile)
+        self.fallback = fallback or FallbackBounds(quantile)
+        self.coverage = CoverageTracker()
+        self.served: ServedModel | None = None
+        self.lock = threading.Lock()  # guards the learner between the worker and requests
+        self.hash_spec = FeatureSpec()
+
+    # -- model -----------------------------------------------------------------------------------
+    def swap(self, served: ServedModel | None) -> None:
+        """Serve another batch model; its calibrators start afresh (it was calibrated on newer data)."""
+        with self.lock:
+            self.served = served
+            self.learner.reset_source("batch")
+
+    def set_learner(self, learner: OnlineLengthLearner) -> None:
+        with self.lock:
+            self.learner = learner
+
+    @property
+    def version(self) -> str | None:
+        served = self.served
+        return served.version if served is not None else None
+
+    def sketch(self, text: str | None) -> PromptSketch:
+        return PromptSketch.of(text, self.hash_spec)
+
+    # -- estimates -------------------------------------------------------------------------------
+    def estimate(self, requests: Sequence[EstimateRequest]) -> list[EstimateResponse]:
+        served = self.served
+        infos = [RequestInfo(estimate_prompt_tokens(r), r.app, r.model, r.slo_class,
+                             sketch=self.sketch(r.prompt)) for r in requests]
+        out: list[EstimateResponse | None] = [None] * len(requests)
+        batch_rows: list[int] = []
+        with self.lock:
+            for i, info in enumerate(infos):
+                knows = served is not None and served.knows(info)
+                source = self.learner.source_for(info, knows)
+                if source == "river":
+                    assert info.sketch is not None
+                    b0 = self.learner.river_bound(info, info.sketch)
+                    factor = self.learner.factor("river", info.model, info.app)
+                    out[i] = self._response(requests[i], BoundLadder.fixed(math.ceil(b0), self.quantile), factor,
+                                            "river", None)
+                elif served is not None:
+                    batch_rows.append(i)
+                else:
+                    bound = self.fallback.bound(info.slo_class or "latency")
+                    out[i] = self._response(requests[i], BoundLadder.fixed(bound, self.quantile, True), 1.0,
+                                            "fallback", None)
+            factors = {i: self.learner.factor("batch", infos[i].model, infos[i].app) for i in batch_rows}
+        if batch_rows:
+            assert served is not None
+            ladders = served.model.predict_ladders([infos[i] for i in batch_rows])
+            for i, ladder in zip(batch_rows, ladders, strict=True):
+                out[i] = self._response(requests[i], ladder, factors[i], "batch", served.version)
+        return [r for r in out if r is not None]
+
+    def _response(self, request: EstimateRequest, ladder: BoundLadder, factor: float, source: str,
+                  version: str | None) -> EstimateResponse:
+        steps = _scaled(ladder, factor, request.max_tokens)
+        return EstimateResponse(upper_bound=steps[0][1], quantile=self.quantile, ladder=steps, model_version=version,
+                                fallback=source == "fallback", source=source)  # type: ignore[arg-type]
+
+    def check_quantile(self, quantile: float | None) -> str | None:
+        """An error message when a request asks for a quantile other than the served one."""
+        if quantile is not None and abs(quantile - self.quantile) > 1e-9:
+            return f"quantile {quantile} is not served; this service serves quantile {self.quantile}"
+        return None
+
+    # -- learning --------------------------------------------------------------------------------
+    def observations(self, records: Sequence[dict[str, Any]]) -> list[Observation]:
+        """Parse completion records and attach the served batch model's raw B0 (one batched call)."""
+        served = self.served
+        obs: list[Observation] = []
+        for record in records:
+            sketch = (PromptSketch.from_dict(record["sketch"], self.hash_spec) if record.get("sketch")
+                      else self.sketch(record.get("prompt")))
+            info = RequestInfo(int(record["prompt_tokens"]), record.get("app"), record.get("model"),
+                               record["slo_class"], sketch=sketch)
+            obs.append(Observation(info, sketch, float(record["output_tokens"]), None))
+        if served is not None and obs:
+            b0 = served.model.predict_bound([o.request for o in obs])
+            for o, b in zip(obs, b0, strict=True):
+                o.batch_bound = float(b)
+        return obs
+
+    def apply(self, records: Sequence[dict[str, Any]]) -> list[tuple[str, str, float, float]]:
+        """Learn from completion records; returns (model, class, coverage, overestimation) updates."""
+        observations = self.observations(records)
+        updates = []
+        with self.lock:
+            for record, o in zip(records, observations, strict=True):
+                self.learner.learn_one(o)
+                length = int(record["output_tokens"])
+                self.fallback.observe(record["slo_class"], length)
+                if record.get("bound"):
+                    key = self.coverage.observe(record.get("model"), record["slo_class"], int(record["bound"]), length)
+                    updates.append((*key, *self.coverage.summary(key)))
+        return updates
