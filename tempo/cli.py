@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from tempo.errors import TempoError
+from tempo.estimator.cli import estimator_app
 from tempo.serving.cli import make_console, print_summary, workload_app
 
 app = typer.Typer(
@@ -21,16 +22,11 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(workload_app, name="workload")
+app.add_typer(estimator_app, name="estimator")
 
 
 def _not_built_yet(what: str, issue: int) -> None:
     raise TempoError(f"'{what}' is not available yet (tracked in issue #{issue})")
-
-
-@app.command("estimator", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def estimator() -> None:
-    """Length estimator: eval, serve, retrain, loadtest (issues #5 and #3)."""
-    _not_built_yet("tempo estimator", 5)
 
 
 @app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -1,0 +1,177 @@
+"""``tempo estimator ...``: serve, retrain, loadtest, worker, publish, rollback (and ``eval`` from models/).
+
+User errors (bad options, unreachable Redis, bad artifacts) raise TempoError: one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tempo.errors import TempoError
+
+estimator_app = typer.Typer(name="estimator", help="Length estimator service: serve, retrain, loadtest.",
+                            no_args_is_help=True, add_completion=False)
+
+RedisUrl = Annotated[str | None, typer.Option("--redis-url", help="Redis URL (default: TEMPO_REDIS_URL).")]
+Artifacts = Annotated[Path | None, typer.Option("--artifacts", help="Artifacts directory (TEMPO_ARTIFACTS_DIR).")]
+
+
+def _settings(redis_url: str | None, artifacts: Path | None, **extra: Any) -> Any:
+    from pydantic import ValidationError
+    from tempo.estimator.settings import Settings
+
+    values: dict[str, Any] = {k: v for k, v in extra.items() if v is not None}
+    if redis_url is not None:
+        values["redis_url"] = redis_url
+    if artifacts is not None:
+        values["artifacts_dir"] = artifacts
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise TempoError(f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+
+
+def _store(settings: Any) -> Any:
+    from tempo.estimator.store import Store
+
+    store = Store(settings.redis_url, settings.key_prefix, settings.stream, max(settings.redis_timeout_s, 2.0))
+    if not store.ping():
+        raise TempoError(f"cannot reach Redis at {settings.redis_url}")
+    return store
+
+
+@estimator_app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8100,
+    redis_url: RedisUrl = None,
+    artifacts: Artifacts = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+) -> None:
+    """Serve the REST API (with the online learner and the registry watcher in the background)."""
+    import uvicorn
+    from tempo.estimator.app import create_app
+
+    settings = _settings(redis_url, artifacts)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
+
+
+@estimator_app.command("retrain")
+def retrain(
+    since: Annotated[str | None, typer.Option(help="First stream id (ms[-seq]) of the training window.")] = None,
+    min_samples: Annotated[int, typer.Option("--min-samples", help="Skip when fewer completions.", min=10)] = 1000,
+    every: Annotated[float | None, typer.Option(help="Periodic mode: retrain every this many seconds.")] = None,
+    n_estimators: Annotated[int | None, typer.Option(help="Boosting rounds (default: the model's).")] = None,
+    redis_url: RedisUrl = None,
+    artifacts: Artifacts = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+) -> None:
+    """Train on completions from Redis; publish and activate only when not worse than the active model."""
+    from tempo.estimator.retrain import periodic
+    from tempo.estimator.retrain import retrain as run_retrain
+
+    if since is not None and not all(p.isdigit() for p in since.split("-", 1)):
+        raise TempoError(f"--since must be a stream id like 1700000000000 or 1700000000000-0, got {since!r}")
+    settings = _settings(redis_url, artifacts)
+    store = _store(settings)
+    params = {"n_estimators": n_estimators} if n_estimators else None
+    if every is not None:
+        if every <= 0:
+            raise TempoError("--every must be positive")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        with contextlib.suppress(KeyboardInterrupt):
+            periodic(store, settings, every, min_samples, params, stop)
+        return
+    report = run_retrain(store, settings, since=since, min_samples=min_samples, model_params=params)
+    text = json.dumps(report.to_dict(), indent=2)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text)
+    typer.echo(text)
+
+
+@estimator_app.command("loadtest")
+def loadtest(
+    url: Annotated[str, typer.Option(help="Base URL of a running service.")] = "http://127.0.0.1:8100",
+    concurrency: Annotated[int, typer.Option(help="Connections.", min=1, max=4096)] = 8,
+    duration: Annotated[float, typer.Option(help="Seconds.", min=0.1)] = 10.0,
+    batch: Annotated[int, typer.Option(help="Estimates per request (>1: the batch endpoint).", min=1)] = 1,
+    rate: Annotated[float | None, typer.Option(help="Open loop: requests/s in total (default: closed loop).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+) -> None:
+    """Drive /v1/estimate (or :batch) and print req/s, estimates/s, p50/p99 latency."""
+    from tempo.estimator.loadtest import run_load
+
+    result = run_load(url, concurrency, duration, batch, rate)
+    if result.requests == 0 or result.errors == result.requests:
+        raise TempoError(f"no successful request to {url} ({result.errors} errors)")
+    text = json.dumps(result.to_dict(), indent=2)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text)
+    typer.echo(f"{result.mode}: {result.req_per_s:.0f} req/s, {result.estimates_per_s:.0f} estimates/s, "
+               f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, errors {result.errors}")
+
+
+@estimator_app.command("worker")
+def worker(redis_url: RedisUrl = None, artifacts: Artifacts = None,
+           consumer: Annotated[str | None, typer.Option(help="Consumer name in the online group.")] = None) -> None:
+    """Run the online learner alone (the service runs it in-process by default)."""
+    from tempo.estimator.engine import Estimator
+    from tempo.estimator.worker import Background, OnlineWorker, RegistryWatcher
+
+    settings = _settings(redis_url, artifacts, consumer=consumer)
+    store = _store(settings)
+    estimator = Estimator(settings.quantile)
+    background = Background(OnlineWorker(store, estimator, settings),
+                            RegistryWatcher(store, estimator, settings.artifacts_dir), settings.registry_poll_s)
+    signal.signal(signal.SIGTERM, lambda *_: background.stop_event.set())
+    background.start()
+    try:
+        while background.thread.is_alive():
+            background.thread.join(0.5)
+    except KeyboardInterrupt:
+        pass
+    background.stop()
+
+
+@estimator_app.command("publish")
+def publish(directory: Annotated[Path, typer.Argument(help="A saved model artifact.")], redis_url: RedisUrl = None,
+            artifacts: Artifacts = None,
+            activate: Annotated[bool, typer.Option(help="Also make it the active version.")] = True) -> None:
+    """Verify an artifact, copy it under the artifacts directory, register (and activate) it."""
+    from tempo.estimator.retrain import publish as run_publish
+    from tempo.models.artifact import ArtifactError
+
+    settings = _settings(redis_url, artifacts)
+    try:
+        typer.echo(run_publish(_store(settings), directory, settings.artifacts_dir, activate))
+    except ArtifactError as exc:
+        raise TempoError(str(exc)) from None
+
+
+@estimator_app.command("rollback")
+def rollback(redis_url: RedisUrl = None) -> None:
+    """Re-activate the previously active model version."""
+    settings = _settings(redis_url, None)
+    typer.echo(_store(settings).rollback())
+
+
+# -- eval lives in models/ (another owner): registered when that module exists -----------------------
+try:
+    from tempo.models.eval_cli import eval_command  # type: ignore[import-not-found,unused-ignore]
+except ImportError:  # not written yet: `tempo estimator eval` is missing until it is
+    eval_command = None
+if eval_command is not None:
+    estimator_app.command("eval")(eval_command)
