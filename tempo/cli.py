@@ -29,10 +29,9 @@ def _not_built_yet(what: str, issue: int) -> None:
     raise TempoError(f"'{what}' is not available yet (tracked in issue #{issue})")
 
 
-@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench() -> None:
-    """Goodput benchmark of scheduling policies on the engine simulator (issue #4)."""
-    _not_built_yet("tempo bench", 4)
+from tempo.serving.bench_cli import bench_command  # noqa: E402  (the bench command lives with the benchmark)
+
+app.command("bench")(bench_command)
 
 
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
