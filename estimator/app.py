@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tempo.estimator.engine import Estimator, FallbackBounds, ServedModel
@@ -101,7 +102,7 @@ estimates = APIRouter(prefix="/v1", tags=["estimates"])
 def _checked(estimator: Estimator, requests: list[EstimateRequest]) -> None:
     for r in requests:
         if (message := estimator.check_quantile(r.quantile)) is not None:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, message)
+            raise HTTPException(422, message)
 
 
 @estimates.post("/estimate", response_model=EstimateResponse)
@@ -116,7 +117,7 @@ async def estimate(body: EstimateRequest, estimator: EstimatorDep, metrics: Metr
 def estimate_batch(body: BatchEstimateRequest, estimator: EstimatorDep, metrics: MetricsDep,
                    settings: SettingsDep) -> BatchEstimateResponse:
     if len(body.requests) > settings.max_batch:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"at most {settings.max_batch} requests per batch")
+        raise HTTPException(422, f"at most {settings.max_batch} requests per batch")
     _checked(estimator, body.requests)
     results = estimator.estimate(body.requests)
     for r in results:
@@ -132,7 +133,7 @@ async def refine(body: RefineRequest, estimator: EstimatorDep) -> RefineResponse
         try:
             ladder = BoundLadder(tuple((int(k), int(b)) for k, b in body.ladder), estimator.quantile)
         except ValueError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"invalid ladder: {exc}") from None
+            raise HTTPException(422, f"invalid ladder: {exc}") from None
         version, fallback = estimator.version, False
     else:
         result = estimator.estimate([body.request])[0]
@@ -300,6 +301,11 @@ async def _too_large(send: Callable[[Message], Awaitable[None]], limit: int) -> 
     await send({"type": "http.response.body", "body": body})
 
 
+def _clean(value: object) -> str:
+    """Text safe to encode as UTF-8 (keys of a dict may be lone surrogates), at most 200 characters."""
+    return str(value)[:200].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -339,6 +345,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics = Metrics()
     for router in (estimates, completions, models, ops):
         app.include_router(router)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 with where and what, without echoing the input (it may be huge or not encodable)."""
+        detail = [{"loc": [_clean(p) for p in e.get("loc", ())], "msg": _clean(e.get("msg", "invalid")),
+                   "type": _clean(e.get("type", "value_error"))} for e in exc.errors()[:20]]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(TempoError)
     async def tempo_error(request: Request, exc: TempoError) -> JSONResponse:

@@ -1,0 +1,74 @@
+"""The online learner (models/online.py): adaptive calibration under drift, River cold start, JSON state."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from tempo.models.features import FeatureSpec, PromptSketch, RequestInfo
+from tempo.models.online import AdaptiveCalibrator, Observation, OnlineLengthLearner, OnlineQuantileModel
+
+
+def test_calibrator_recovers_target_coverage_after_a_shift() -> None:
+    rng = np.random.default_rng(1)
+    cal = AdaptiveCalibrator(quantile=0.9)
+    covered = [cal.learn_one(100.0, rng.lognormal(np.log(50), 0.5)) for _ in range(2000)]
+    assert abs(np.mean(covered[-1000:]) - 0.9) < 0.03
+    covered = [cal.learn_one(100.0, rng.lognormal(np.log(150), 0.5)) for _ in range(2000)]  # x3 longer
+    assert np.mean(covered[:50]) < 0.8  # the shift hurts at first ...
+    assert abs(np.mean(covered[-1000:]) - 0.9) < 0.03  # ... then coverage is back on target
+
+
+def test_calibrator_scores_before_learning() -> None:
+    cal = AdaptiveCalibrator(quantile=0.9)
+    assert cal.learn_one(100.0, 150.0) is False  # judged against the bound served (100), not the updated one
+    assert cal.factor() > 1.0
+
+
+def test_river_model_answers_cold_and_learns() -> None:
+    model = OnlineQuantileModel(quantile=0.9, prior_length=512)
+    x = {"a": 1.0}
+    assert model.predict_one(x) == 512.0 or abs(model.predict_one(x) - 512.0) < 1e-6
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        model.learn_one(x, float(rng.lognormal(np.log(40), 0.3)))
+    assert 40 < model.predict_one(x) < 120  # near the 0.9 quantile of lengths around 40 (~59)
+
+
+def _obs(model: str, app: str, length: float, bound: float | None, text: str = "hello world") -> Observation:
+    sketch = PromptSketch.of(text, FeatureSpec())
+    return Observation(RequestInfo(20, app, model, "latency", sketch=sketch), sketch, length, bound)
+
+
+def test_learner_routes_unseen_models_to_river_once_it_has_data() -> None:
+    learner = OnlineLengthLearner(quantile=0.9, river_min_obs=10)
+    request = RequestInfo(20, "NewApp", "new-model", "latency")
+    assert learner.source_for(request, batch_knows=False) == "batch"
+    for _ in range(10):
+        learner.learn_one(_obs("new-model", "NewApp", 300.0, 100.0))
+    assert learner.source_for(request, batch_knows=False) == "river"
+    assert learner.source_for(request, batch_knows=True) == "batch"
+    assert learner.factor("batch", "new-model", "NewApp") == 1.0  # fewer than min_obs so far
+
+
+def test_learner_state_roundtrips_through_json() -> None:
+    learner = OnlineLengthLearner(quantile=0.9, min_obs=5)
+    rng = np.random.default_rng(0)
+    for i in range(50):
+        learner.learn_one(_obs("m", "A", float(rng.integers(50, 500)), 200.0, text=f"prompt {i % 7}"))
+    clone = OnlineLengthLearner.from_dict(json.loads(json.dumps(learner.to_dict())))
+    assert clone.factor("batch", "m", "A") == learner.factor("batch", "m", "A")
+    obs = _obs("m", "A", 100.0, 200.0, text="prompt 3")
+    assert clone.river_bound(obs.request, obs.sketch) == learner.river_bound(obs.request, obs.sketch)
+    learner.learn_one(obs)
+    clone.learn_one(obs)
+    assert clone.to_dict() == learner.to_dict()
+
+
+def test_reset_source_forgets_only_that_source() -> None:
+    learner = OnlineLengthLearner(quantile=0.9, min_obs=1)
+    learner.learn_one(_obs("m", "A", 500.0, 100.0))
+    assert learner.factor("batch", "m", "A") > 1.0
+    learner.reset_source("batch")
+    assert learner.factor("batch", "m", "A") == 1.0
+    assert any(k.startswith("river|") for k in learner.calibrators_)
