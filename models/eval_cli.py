@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 from tempo.data.castillo import LengthRow, castillo_lengths_path, castillo_prompts_path, load_length_rows, load_prompts
@@ -84,7 +85,7 @@ def evaluate_target(split: Split, quantile: float, kinds: list[str], seed: int, 
             result["artifact_bytes"] = artifact_size_bytes(Path(tmp) / "artifact")
         out[f"tempo[{kind}]"] = result
         if progress is not None:
-            progress.console.print(f"  tempo[{kind}]: coverage {result['coverage']}, reserved/used "
+            progress.console.print(f"  {escape(f'tempo[{kind}]')}: coverage {result['coverage']}, reserved/used "
                                    f"{result['reserved_per_used']}, train {train_s:.0f} s")
     if baselines:
         both = split.fit_and_calibration()
@@ -239,7 +240,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             ladder = m.get("ladder", {})
             lat = m.get("latency_ms", {}).get("single", {})
             table.add_row(
-                name, f"{m['coverage']:.3f}", f"{m['min_dataset_coverage']:.3f}", f"{m['reserved_per_used']:.3f}",
+                escape(name), f"{m['coverage']:.3f}", f"{m['min_dataset_coverage']:.3f}", f"{m['reserved_per_used']:.3f}",
                 f"{m['mean_slack_tokens']:.0f}",
                 "/".join(f"{v['coverage_ladder']:.3f}" for v in ladder.values()) if ladder else "-",
                 "/".join(f"{v['coverage_keep_b0']:.3f}" for v in ladder.values()) if ladder else "-",

@@ -174,10 +174,10 @@ def hashed_ngrams(text: str, spec: FeatureSpec) -> tuple[npt.NDArray[np.int64], 
     for n in spec.word_ngrams:
         if len(word_starts) >= n:
             parts.append(span_hash(word_starts[: len(word_starts) - n + 1], word_ends[n - 1 :], 100 + n))
-    buckets = ((np.concatenate(parts) >> np.uint64(32)) & np.uint64(spec.n_hash - 1)).astype(np.int64)
-    counts = np.bincount(buckets, minlength=spec.n_hash)
-    index = np.flatnonzero(counts)
-    weights = np.log1p(counts[index].astype(np.float64))
+    buckets = np.sort(((np.concatenate(parts) >> np.uint64(32)) & np.uint64(spec.n_hash - 1)).astype(np.int64))
+    starts = np.flatnonzero(np.concatenate(([True], buckets[1:] != buckets[:-1])))
+    index = buckets[starts]
+    weights = np.log1p(np.diff(np.append(starts, len(buckets))).astype(np.float64))
     return index, weights / np.linalg.norm(weights)
 
 
