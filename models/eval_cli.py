@@ -240,7 +240,10 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             ladder = m.get("ladder", {})
             lat = m.get("latency_ms", {}).get("single", {})
             table.add_row(
-                escape(name), f"{m['coverage']:.3f}", f"{m['min_dataset_coverage']:.3f}", f"{m['reserved_per_used']:.3f}",
+                escape(name),
+                f"{m['coverage']:.3f}",
+                f"{m['min_dataset_coverage']:.3f}",
+                f"{m['reserved_per_used']:.3f}",
                 f"{m['mean_slack_tokens']:.0f}",
                 "/".join(f"{v['coverage_ladder']:.3f}" for v in ladder.values()) if ladder else "-",
                 "/".join(f"{v['coverage_keep_b0']:.3f}" for v in ladder.values()) if ladder else "-",

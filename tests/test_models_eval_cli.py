@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+from tempo.models.eval_cli import eval_command
 from typer.testing import CliRunner
 
 from tempo.errors import TempoError
-from tempo.models.eval_cli import eval_command
 
 WORDS = {"essay": 400, "word": 5, "list": 60}
 
@@ -22,7 +22,8 @@ def write_dataset(directory: Path, n_prompts: int = 150, seed: int = 0) -> tuple
     for i in range(n_prompts):
         kind = list(WORDS)[i % 3]
         prompt_id = f"p{i}"
-        prompts.append({"prompt_id": prompt_id, "dataset": f"set{i % 2}", "prompt_text": f"Please {kind} about topic {i}"})
+        text = f"Please {kind} about topic {i}"
+        prompts.append({"prompt_id": prompt_id, "dataset": f"set{i % 2}", "prompt_text": text})
         for model, scale in (("small", 1.0), ("large", 1.6)):
             outs = [max(1, round(WORDS[kind] * scale * rng.lognormal(0, 0.3))) for _ in range(10)]
             rows.append({"dataset": f"set{i % 2}", "model": model, "prompt_id": prompt_id, "input_tokens": 8,

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tempo.data.castillo import load_length_rows
-from tempo.errors import TempoError
 from tempo.models.artifact import ArtifactError, load_artifact, save_artifact, verify_artifact
 from tempo.models.evaluation import bound_metrics, empirical_quantile_bounds, ladder_metrics
 from tempo.models.features import FeatureSpec, RequestInfo
 from tempo.models.length_bounds import LengthBoundModel, LengthSamples
 from tempo.scheduler.bounds import BoundQuery
 from tempo.scheduler.slo import SLOClass
+
+from tempo.errors import TempoError
 
 TEMPLATES = {  # wording -> median length
     "Write a detailed essay about {}.": 600,
@@ -69,8 +69,9 @@ def test_ladder_keeps_coverage_among_survivors(trained) -> None:
 
 def test_model_is_a_bound_provider(trained) -> None:
     model, _ = trained
-    queries = [BoundQuery("a", 12, SLOClass.LATENCY, app="app0", model="m", prompt="Write a detailed essay about owls."),
-               BoundQuery("b", 12, SLOClass.DEADLINE, app="app1", model="m", prompt="Answer in one word: what is ice?")]
+    essay_prompt, word_prompt = "Write a detailed essay about owls.", "Answer in one word: what is ice?"
+    queries = [BoundQuery("a", 12, SLOClass.LATENCY, app="app0", model="m", prompt=essay_prompt),
+               BoundQuery("b", 12, SLOClass.DEADLINE, app="app1", model="m", prompt=word_prompt)]
     essay, word = model.ladders(queries)
     assert essay.initial > 5 * word.initial
     assert all(b > k for k, b in essay.steps)
