@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tempo.errors import TempoError
 DEGENERATE_LENGTH = 15_000
 CASTILLO_SAMPLES = tuple(f"out{i}" for i in range(10))
 CASTILLO_COLUMNS = ("dataset", "model", "prompt_id", "input_tokens")
+SPLITS = ("fit", "calibration", "test")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,18 @@ class LengthRow:
     prompt_id: str
     input_tokens: int
     samples: tuple[int, ...]  # valid (non-degenerate) response lengths, at least one
+
+
+def prompt_split(prompt_id: str, fractions: Sequence[float] = (0.6, 0.2, 0.2), salt: str = "") -> str:
+    """The split of a prompt, from a hash of its id (stable across runs, machines and files)."""
+    digest = hashlib.sha256(f"{salt}{prompt_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    total, edge = sum(fractions), 0.0
+    for name, share in zip(SPLITS, fractions, strict=True):
+        edge += share / total
+        if u < edge:
+            return name
+    return SPLITS[-1]
 
 
 def open_text(path: Path) -> io.TextIOWrapper:

@@ -7,23 +7,12 @@ samples share one feature vector: a prompt in two splits would leak).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from tempo.data.castillo import LengthRow
+from tempo.data.castillo import SPLITS, LengthRow, prompt_split
 from tempo.models.features import RequestInfo
 from tempo.models.length_bounds import LengthSamples
-
-SPLITS = ("fit", "calibration", "test")
-
-
-def prompt_split(prompt_id: str, fractions: Sequence[float] = (0.6, 0.2, 0.2), salt: str = "") -> str:
-    """The split of a prompt, from a hash of its id (stable across runs, machines and files)."""
-    digest = hashlib.sha256(f"{salt}{prompt_id}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    edges = np.cumsum(fractions) / sum(fractions)
-    return SPLITS[int(np.searchsorted(edges, u, side="right"))]
 
 
 def samples_from_rows(rows: Iterable[LengthRow], prompts: dict[str, str]) -> LengthSamples:

@@ -43,6 +43,11 @@ def build(
     seed: Annotated[int, typer.Option(help="Random seed; the same arguments and seed give the same file.")] = 0,
     model: Annotated[str, typer.Option(help="Served model whose CASTILLO lengths to use.")] = DEFAULT_MODEL,
     tiers: Annotated[str, typer.Option(help="SLO scale tiers drawn uniformly per request.")] = "1,2,3,4",
+    prompt_split: Annotated[
+        str | None,
+        typer.Option(help="Draw prompts only from this split of CASTILLO (fit, calibration, test); 'test' keeps "
+                     "the workload's prompts out of the length models' training data."),
+    ] = None,
 ) -> None:
     """Build a workload and write it as JSONL (format: README, 'Workload format')."""
     spec = WorkloadSpec(
@@ -53,6 +58,7 @@ def build(
         seed=seed,
         model=model,
         tiers=parse_tiers(tiers),
+        prompt_split=prompt_split,
     )
     requests = build_workload(spec)
     count = write_workload(output, requests)

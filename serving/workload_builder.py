@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tempo.data.castillo import LengthRow, load_length_rows, load_prompts
+from tempo.data.castillo import SPLITS, LengthRow, load_length_rows, load_prompts, prompt_split
 from tempo.scheduler.slo import (
     DEFAULT_DEADLINE_S,
     DEFAULT_STAGE_DEADLINE_S,
@@ -105,6 +105,8 @@ class WorkloadSpec:
     tbt_s: float = DEFAULT_TBT_S
     deadline_s: float = DEFAULT_DEADLINE_S
     stage_deadline_s: float = DEFAULT_STAGE_DEADLINE_S
+    # draw prompts only from this hash split of CASTILLO ("test": prompts no length model trained on)
+    prompt_split: str | None = None
 
     def validate(self) -> None:
         if not (np.isfinite(self.rps) and self.rps > 0):
@@ -113,6 +115,8 @@ class WorkloadSpec:
             raise TempoError(f"--duration must be > 0, got {self.duration_s}")
         if not self.tiers or any(t < 1 for t in self.tiers):
             raise TempoError(f"SLO tiers must be integers >= 1, got {self.tiers}")
+        if self.prompt_split is not None and self.prompt_split not in SPLITS:
+            raise TempoError(f"--prompt-split must be one of {', '.join(SPLITS)}, got {self.prompt_split!r}")
         if self.arrivals != "poisson" and not Path(self.arrivals).is_file():
             raise TempoError(f"--arrivals: trace file not found: {self.arrivals}")
 
@@ -120,14 +124,17 @@ class WorkloadSpec:
 class _LengthPool:
     """CASTILLO rows of one served model, drawn per class from the datasets that class uses."""
 
-    def __init__(self, rows: Sequence[LengthRow], model: str, prompts: dict[str, str]) -> None:
+    def __init__(
+        self, rows: Sequence[LengthRow], model: str, prompts: dict[str, str], split: str | None = None
+    ) -> None:
         models = sorted({r.model for r in rows})
         if model not in models:
             raise TempoError(f"unknown served model {model!r} (known: {', '.join(models)})")
         self.prompts = prompts
         self.by_dataset: dict[str, list[LengthRow]] = defaultdict(list)
         for row in rows:
-            if row.model == model and row.prompt_id in prompts:
+            in_split = split is None or prompt_split(row.prompt_id) == split
+            if row.model == model and row.prompt_id in prompts and in_split:
                 self.by_dataset[row.dataset].append(row)
 
     def rows_for(self, datasets: Sequence[str] | None) -> list[LengthRow]:
@@ -160,7 +167,7 @@ def build_workload(
 
     needs_text = any(counts[c] for c in MIX_ORDER if c is not SLOClass.COMPOUND)
     pool = (
-        _LengthPool(length_rows or load_length_rows(), spec.model, prompts or load_prompts())
+        _LengthPool(length_rows or load_length_rows(), spec.model, prompts or load_prompts(), spec.prompt_split)
         if needs_text
         else None
     )
