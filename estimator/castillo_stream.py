@@ -44,8 +44,9 @@ def prompts() -> dict[str, str]:
 
 def completion_records(model: str, split: str = "test", n: int = 1000, seed: int = 0, prefix: str = "r",
                        with_prompt: bool = True) -> Iterator[dict[str, Any]]:
-    """``n`` completion records: random prompts of ``split`` with one of their real sampled lengths."""
-    rows = rows_for(model)[split]
+    """``n`` completion records: random prompts of ``split`` (or ``"all"``) with one of their real lengths."""
+    splits = rows_for(model)
+    rows = [r for rows in splits.values() for r in rows] if split == "all" else splits[split]
     texts = prompts()
     rng = random.Random(seed)
     spec = FeatureSpec()

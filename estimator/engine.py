@@ -107,6 +107,16 @@ class CoverageTracker:
         return sum(c for c, _ in window) / len(window), sum(r for _, r in window) / len(window)
 
 
+def safe_sketch(text: str | None, spec: FeatureSpec) -> PromptSketch:
+    """``PromptSketch.of``, with an empty n-gram set for a text that has none (e.g. "!!": shorter than
+    every character n-gram and without a word), which ``hashed_ngrams`` currently fails on."""
+    try:
+        return PromptSketch.of(text, spec)
+    except ValueError:
+        text = text or ""
+        return PromptSketch(np.zeros(0, dtype=np.int64), np.zeros(0), len(text), len(text.split()), text.count("\n"))
+
+
 def estimate_prompt_tokens(request: EstimateRequest) -> int:
     if request.prompt_tokens is not None:
         return request.prompt_tokens
@@ -158,7 +168,7 @@ class Estimator:
         return served.version if served is not None else None
 
     def sketch(self, text: str | None) -> PromptSketch:
-        return PromptSketch.of(text, self.hash_spec)
+        return safe_sketch(text, self.hash_spec)
 
     # -- estimates -------------------------------------------------------------------------------
     def estimate(self, requests: Sequence[EstimateRequest]) -> list[EstimateResponse]:

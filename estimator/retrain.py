@@ -53,7 +53,7 @@ def _slice(key: str, fractions: tuple[float, float, float]) -> str:
 
 
 def samples_from_records(records: list[dict[str, Any]], spec: FeatureSpec,
-                         fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> dict[str, LengthSamples]:
+                         fractions: tuple[float, float, float] = (0.5, 0.25, 0.25)) -> dict[str, LengthSamples]:
     """Completion records as LengthSamples per slice; one request per (prompt sketch, model, app, class)."""
     groups: dict[str, dict[str, Any]] = {s: {"requests": [], "index": [], "lengths": [], "keys": {}} for s in SLICES}
     for record in records:
@@ -79,22 +79,34 @@ def samples_from_records(records: list[dict[str, Any]], spec: FeatureSpec,
 
 
 def evaluate(model: LengthBoundModel, samples: LengthSamples) -> dict[str, float]:
-    """Coverage (share of lengths <= B0) and overestimation (mean B0 / length) on samples."""
+    """Coverage (share of lengths <= B0) and overestimation (tokens reserved by B0 per token generated)."""
     b0 = model.predict_bound(samples.requests)[samples.request_index]
-    return {"coverage": float(np.mean(samples.lengths <= b0)),
-            "overestimation": float(np.mean(b0 / samples.lengths)), "n": float(len(samples))}
+    return {"coverage": round(float(np.mean(samples.lengths <= b0)), 4),
+            "overestimation": round(float(b0.sum() / samples.lengths.sum()), 4), "n": float(len(samples))}
+
+
+def tolerance_for(target: float, tolerance: float, n_groups: int) -> float:
+    """The coverage tolerance: ``tolerance``, widened to two standard errors of a coverage measured on
+    ``n_groups`` distinct prompts (a prompt's repeated completions are correlated, so prompts, not
+    completions, are the effective sample size)."""
+    se = (target * (1 - target) / max(n_groups, 1)) ** 0.5
+    return max(tolerance, 2 * se)
 
 
 def accept(candidate: dict[str, float], active: dict[str, float] | None, target: float, tolerance: float) -> str | None:
-    """None when the candidate may replace the active model, else why not."""
-    cand_ok = candidate["coverage"] >= target - tolerance
-    if not cand_ok:
+    """None when the candidate may replace the active model, else why not.
+
+    Not worse = within the coverage band and less overestimation than an in-band active model; when the
+    active model is out of the band, a candidate whose coverage is closer to the target is better."""
+    cand_gap = max(0.0, target - candidate["coverage"])
+    if active is not None and active["coverage"] < target - tolerance:
+        active_gap = target - active["coverage"]
+        if cand_gap < active_gap:
+            return None
+        return f"candidate coverage {candidate['coverage']:.3f} is no closer to {target} than the active model's"
+    if cand_gap > tolerance:
         return f"candidate coverage {candidate['coverage']:.3f} is below {target - tolerance:.3f}"
-    if active is None:
-        return None
-    if active["coverage"] < target - tolerance:
-        return None
-    if candidate["overestimation"] < active["overestimation"]:
+    if active is None or candidate["overestimation"] < active["overestimation"]:
         return None
     return (f"candidate overestimates more ({candidate['overestimation']:.3f} >= {active['overestimation']:.3f}) "
             "at acceptable coverage of both")
@@ -138,7 +150,9 @@ def _retrain(records: list[dict[str, Any]], store: Store, settings: Settings, mi
             active_metrics = evaluate(served.model, parts["holdout"])
         except (OSError, ValueError) as exc:
             log.warning("active model %s cannot be evaluated (%s): treated as absent", active_version, exc)
-    why_not = accept(cand_metrics, active_metrics, settings.quantile, tolerance)
+    band = tolerance_for(settings.quantile, tolerance, len(parts["holdout"].requests))
+    cand_metrics["tolerance"] = round(band, 4)
+    why_not = accept(cand_metrics, active_metrics, settings.quantile, band)
     report = RetrainReport("rejected" if why_not else "activated", why_not or "not worse than the active model",
                            len(records), None, active_version, cand_metrics, active_metrics or {})
     if why_not is not None:
