@@ -88,37 +88,51 @@ def pack(
     watermark = int(limits.kv_blocks_total * WATERMARK_FRACTION)
     free = limits.kv_blocks_free - watermark
     block = limits.block_size
+    running = Phase.RUNNING
     run: list[RequestState] = []
     evicted: list[RequestState] = []
     evicted_ids: set[str] = set()
-    pool: list[RequestState] | None = None  # eviction candidates, first to evict last
+    pool: list[RequestState] | None = None  # eviction candidates: unwanted ones first, then by rank
     rank: dict[str, int] = {}
+    refused = not preempt  # once an eviction is refused, lower-ranked newcomers do not try again
     for position, request in enumerate(ordered):
         if len(run) >= slots:
             break
-        if request.phase is Phase.RUNNING:
+        if request.phase is running:
             if request.request_id not in evicted_ids:
                 run.append(request)
             continue
+        if refused and free <= 0:
+            if stop_at_blocked:
+                break
+            continue
         need = kv_need(request, block)
-        if need > free and preempt:
+        if need > free and not refused:
             if pool is None:
                 rank = {r.request_id: i for i, r in enumerate(ordered)}
-                pool = [r for r in ordered if r.phase is Phase.RUNNING]
-                pool[:0] = [r for r in others if r.phase is Phase.RUNNING and r.request_id not in rank]
-            while need > free and pool:
-                # unwanted residents (``others``, at the front) go first, then the lowest-ranked one
-                # if it ranks below this request
-                if pool[0].request_id not in rank:
-                    victim: RequestState | None = pool[0]
+                pool = [r for r in others if r.phase is running and r.request_id not in rank]
+                pool += [r for r in ordered if r.phase is running]
+            # choose victims tentatively (unwanted residents first, then the lowest-ranked resident while it
+            # ranks below this request) and evict them only if together they make room
+            front, back, gained = 0, len(pool) - 1, 0
+            while need > free + gained and front <= back:
+                if pool[front].request_id not in rank:
+                    victim, front = pool[front], front + 1
+                elif rank[pool[back].request_id] > position:
+                    victim, back = pool[back], back - 1
                 else:
-                    victim = pool[-1] if rank[pool[-1].request_id] > position else None
-                if victim is None or (can_evict is not None and not can_evict(victim, request)):
                     break
-                pool.remove(victim)
-                evicted.append(victim)
-                evicted_ids.add(victim.request_id)
-                free += victim.kv_blocks
+                if can_evict is not None and not can_evict(victim, request):
+                    break
+                gained += victim.kv_blocks
+            if need <= free + gained:
+                chosen = pool[:front] + pool[back + 1 :]
+                pool = pool[front : back + 1]
+                evicted.extend(chosen)
+                evicted_ids.update(v.request_id for v in chosen)
+                free += gained
+            else:
+                refused = True
         if need <= free:
             run.append(request)
             free -= need

@@ -1,39 +1,50 @@
 """Tempo: give each request just enough decode bandwidth to meet its SLO, and spend the rest on the
-work that earns the most goodput per second (arXiv 2504.20068, Tempo / JITServe).
+work that earns the most goodput (arXiv 2504.20068, Tempo / JITServe).
 
 Every frame (``frame_steps`` engine steps; the engine also re-plans after arrivals and finishes):
 
-1. **Assess** each live request from its bound ladder at its current k and the measured per-token time:
-   the remaining-length bound, the minimum decode bandwidth that still meets its SLO (latency: the TBT
-   pace, plus the tokens already owed; deadline: remaining bound over the time left; compound: the same
+1. **Assess** each live request from its bound ladder at its current k and the engine's measured step
+   time: the remaining-length bound; the minimum decode bandwidth that still meets its SLO (latency: the
+   TBT pace plus the tokens already owed; deadline: remaining bound over the time left; compound: the same
    against a *stage sub-deadline*: the job deadline minus what the rest of the job is likely to need, from
-   per-app statistics of past jobs), and its priority = the goodput it can still earn / the time it still
-   needs. Goodput that depends on the bound holding is weighted by how much of the bound's time is left
-   (1 when the bound fits, falling linearly when only part of it does).
-2. **Admission**: a deadline or compound request past its (job) deadline is rejected: it can earn nothing.
-   One that cannot meet its SLO even at the engine's fastest pace, or whose weighted chance is below
-   ``min_success``, is demoted to best effort (still served from spare capacity; its SLO still counts).
+   per-app statistics of past jobs); and its priority = the goodput it can still earn / the time it still
+   needs. "Time" is the engine time the request still costs (its prefill, and each decode's share of a
+   step: linear layers, step overhead, KV read), so that prompt-heavy and decode-heavy work compete fairly
+   on a compute-bound engine (``compute_density=False`` uses the request's own generation time instead,
+   as the paper states it). All-or-nothing goodput (deadline, compound) is weighted by the share of the
+   bound's time that is left (1 when the bound fits).
+2. **Admission**: a deadline or compound request past its (job) deadline is rejected: it can earn
+   nothing. One whose weighted chance is below ``min_success`` (or, for chat, that can no longer put a
+   single token on time within its bound) is demoted to best effort: it runs only when every feasible SLO
+   request is admitted, and its SLO still counts.
 3. **GMAX grouping**: among requests whose priority is within a factor ``p`` of the B-th best (B: the
    engine's batch size), choose the B of similar remaining lengths with the largest total priority; they
    go first, then the other feasible requests by priority, then best effort (residents, then by arrival).
-4. **Just enough**: every SLO request gets a pace (its minimum bandwidth); the engine decodes a request at
-   full priority only while it is within its pace, then fills what is left with the next best and
-   best-effort work. The prefill budget per step is cut (never below ``min_chunk``) so the step time stays
-   within what the running chat requests' TBT allows, unless newcomers need more prefill to meet TTFT.
+4. **Just enough**: every admitted SLO request gets a pace (its minimum bandwidth); the engine decodes it
+   at full priority only while it is within its pace, and fills the slots left with the next best and
+   best-effort work, so up to ``share`` x B requests progress on B slots. The prefill budget per step is
+   cut (never below ``min_chunk``) so the step time stays within what the running chat requests' TBT
+   allows, unless newcomers need more prefill to meet their TTFT.
 5. **Preemption** only when the gain exceeds the loss: a resident is evicted for a higher-priority request
-   when ``(p_new - p_victim) x frame`` exceeds ``p_victim x stall + cost x (goodput rate of the batch)``,
-   in whichever mode (recompute or swap) costs less.
+   when ``(p_new - p_victim) x frame`` exceeds ``p_victim x (stall + step) + cost x (goodput rate of the
+   batch)``, in whichever mode (recompute or swap) costs less.
 
 The oracle variant sees the true lengths and job graphs (``OracleTruth``), and nothing else does.
+
+Speed: per request the parts of the assessment that do not depend on the clock are memoised, keyed by
+the identity of the (immutable) request state, which the engine reuses while a request is unchanged; a
+decision then costs a few float operations per request plus sorting.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from tempo.scheduler.interface import (
     Decision,
+    EngineTiming,
     Pace,
     Phase,
     Policy,
@@ -48,28 +59,41 @@ from tempo.scheduler.registry import PolicyContext, register_policy
 from tempo.scheduler.slo import SLOClass
 
 GROUPINGS = ("gmax", "sjf", "priority")
+_BE, _LATENCY, _DEADLINE, _COMPOUND = 0, 1, 2, 3
 
-_REJECT = "reject"
 
+class _Engine(NamedTuple):
+    """The engine constants the memoised parts depend on (seconds)."""
 
-class _Costs(NamedTuple):
-    """Per-decision constants of the engine's cost model (seconds)."""
-
-    tau: float  # current time per decode step (measured)
     tau_floor: float  # fastest possible step (a lone short decode)
     s_pre: float  # wall time per prefill token, prefilling alone in full chunks
     c_pre: float  # engine time a prefill token adds to a step
-    c_seq: float  # engine time a decode token adds to a step (linear layers + its share of the step overhead)
+    c_seq: float  # engine time a decode token adds (linear layers + its share of the step overhead)
     c_kv: float  # engine time per cached token a decode reads
 
-_DEMOTE = "demote"
+
+class _Static(NamedTuple):
+    """The clock-independent part of a request's assessment."""
+
+    kind: int
+    rem: int  # remaining-length bound
+    prefill_left: int  # tokens to (re)compute before its next token
+    cost: float  # engine time it still needs (for a compound call: with the rest of its job)
+    value: float  # deadline/compound: tokens it earns if met; latency: the prompt (earned with the TTFT)
+    due: float  # latency: when the next token is due, less its prefill time; else the (job) deadline
+    tbt: float  # latency: seconds per token
+    need_a: float  # needed time = need_a + tau * need_b (latency: need_b = rem)
+    need_b: float
+    after_a: float  # compound: rest of the job = after_a + tau * after_b
+    after_b: float
+    first_due: float  # latency: arrival + TTFT
 
 
 class Assessment(NamedTuple):
-    """One SLO request's standing in this frame (a NamedTuple: one is built per request per decision)."""
+    """One SLO request's standing in this frame."""
 
     request: RequestState
-    priority: float  # goodput it can still earn per second of engine time it still needs (tokens/s)
+    priority: float  # goodput it can still earn per second it still needs (tokens/s)
     rem: int  # remaining-length bound (or the truth, for the oracle)
     rate: float  # minimum decode bandwidth that meets the SLO (tokens/s)
     owed: float  # tokens already due (behind schedule) + 1 margin
@@ -77,29 +101,29 @@ class Assessment(NamedTuple):
     prefill_rate: float  # prefill tokens/s it needs to start in time (0 once decoding)
 
 
-def gmax_select(ranked: list[Assessment], batch: int, p: float) -> list[Assessment]:
-    """GMAX: among ``ranked`` (by priority, best first) whose priority is within a factor ``p`` of the
-    ``batch``-th best, the ``batch`` consecutive ones in remaining-length order with the largest total
-    priority, returned best first."""
-    if len(ranked) <= batch:
-        return list(ranked)
-    threshold = ranked[batch - 1].priority / p
+def gmax_order(order: Sequence[int], priority: Sequence[float], length: Sequence[int], batch: int,
+               p: float) -> list[int]:
+    """GMAX over candidates ``order`` (indices, best priority first): among those whose priority is within
+    a factor ``p`` of the ``batch``-th best, the ``batch`` consecutive ones in length order with the largest
+    total priority, best first; then every other candidate in ``order``."""
+    if len(order) <= batch:
+        return list(order)
+    threshold = priority[order[batch - 1]] / p
     end = batch
-    while end < len(ranked) and ranked[end].priority >= threshold:
+    while end < len(order) and priority[order[end]] >= threshold:
         end += 1
-    pool = ranked[:end]
-    if len(pool) <= batch:
-        return pool
-    by_length = sorted(pool, key=lambda a: (a.rem, a.request.request_id))
-    window = sum(a.priority for a in by_length[:batch])
+    if end == batch:
+        return list(order)
+    pool = sorted(order[:end], key=lambda i: (length[i], i))
+    window = sum(priority[i] for i in pool[:batch])
     best, best_start = window, 0
-    for start in range(1, len(by_length) - batch + 1):
-        window += by_length[start + batch - 1].priority - by_length[start - 1].priority
+    for start in range(1, len(pool) - batch + 1):
+        window += priority[pool[start + batch - 1]] - priority[pool[start - 1]]
         if window > best * (1 + 1e-12):
             best, best_start = window, start
-    chosen = by_length[best_start : best_start + batch]
-    chosen.sort(key=lambda a: (-a.priority, a.request.request_id))
-    return chosen
+    chosen = set(pool[best_start : best_start + batch])
+    first = [i for i in order if i in chosen]
+    return [*first, *(i for i in order if i not in chosen)]
 
 
 class TempoPolicy(Policy):
@@ -115,7 +139,7 @@ class TempoPolicy(Policy):
         budget_control: bool = True,
         min_chunk: int = 64,
         min_success: float = 0.25,
-        share: int = 4,
+        share: int = 2,
         compute_density: bool = True,
         be_only_when_idle: bool = True,
         job_profile: JobProfile | None = None,
@@ -125,6 +149,8 @@ class TempoPolicy(Policy):
             raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
         if p < 1:
             raise ValueError("p must be >= 1")
+        if frame_steps < 1 or share < 1 or min_chunk < 1:
+            raise ValueError("frame_steps, share and min_chunk must be >= 1")
         self.frame_steps = int(frame_steps)
         self.p = float(p)
         self.grouping = grouping
@@ -137,6 +163,8 @@ class TempoPolicy(Policy):
         self.be_only_when_idle = bool(be_only_when_idle)
         self.job_profile = job_profile or JobProfile()
         self.truth = truth
+        self._cache: dict[int, tuple[RequestState, _Static]] = {}
+        self._cache_engine: _Engine | None = None
 
     def kwargs(self) -> dict[str, Any]:
         """The constructor arguments that reproduce this policy (besides job profile and truth)."""
@@ -175,183 +203,231 @@ class TempoPolicy(Policy):
             return self.truth.outlook(r.job.job_id, r.job.stage)
         return self.job_profile.outlook(r.app, r.job.stage)
 
-    # ------------------------------------------------------------ assess
-    def _assess(self, r: RequestState, now: float, k: _Costs) -> Assessment | str:
+    def _static(self, r: RequestState, e: _Engine) -> _Static:
+        slo = r.slo
+        cls = slo.slo_class
+        if r.demoted or cls is SLOClass.BEST_EFFORT:
+            return _Static(_BE, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         g = r.generated
         rem = self._remaining(r)
         pending = r.prompt_tokens + g - r.computed_tokens
         prefill_left = pending - 1 if g > 0 else pending
-        tau = k.tau
-        t_pre = prefill_left * k.s_pre
-        # engine time the request still consumes: its prefill, and each decode's share of a step
-        cost = prefill_left * k.c_pre + rem * (k.c_seq + k.c_kv * (r.prompt_tokens + g + rem / 2))
-        slo = r.slo
-        cls = slo.slo_class
+        t_pre = prefill_left * e.s_pre
+        cost = prefill_left * e.c_pre + rem * (e.c_seq + e.c_kv * (r.prompt_tokens + g + rem / 2))
         if cls is SLOClass.LATENCY:
-            ttft, tbt = slo.ttft_s, slo.tbt_s
-            assert ttft is not None and tbt is not None
-            first_due = r.arrival_s + ttft
-            spare = first_due + g * tbt - now - t_pre  # before the next token is late
-            late = tau - spare
-            if late <= 0:
-                on_time = rem
-            elif tbt > tau:
-                on_time = max(0, rem - math.ceil(late / (tbt - tau)))
-            else:
-                on_time = 0
-            if on_time <= 0:
-                return _DEMOTE
-            value = on_time + (r.prompt_tokens if g == 0 and late <= 0 else 0)
-            if not self.compute_density:
-                cost = t_pre + rem * tau
-            owed = max(0.0, math.floor((now - first_due) / tbt) + 1 - g) + 1.0
-            n = self.frame_steps
-            tau_need = min(spare, (spare + (n - 1) * tbt) / n) if spare > 0 else tbt
-            prefill_rate = prefill_left / max(tau, first_due - now) if g == 0 else 0.0
-            return Assessment(r, value / max(cost, 1e-9), rem, 1.0 / tbt, owed, max(tau_need, 1e-6), prefill_rate)
-
+            assert slo.ttft_s is not None and slo.tbt_s is not None
+            first_due = r.arrival_s + slo.ttft_s
+            bonus = float(r.prompt_tokens) if g == 0 else 0.0
+            return _Static(_LATENCY, rem, prefill_left, cost, bonus, first_due + g * slo.tbt_s - t_pre, slo.tbt_s,
+                           t_pre, float(rem), 0.0, 0.0, first_due)
         if cls is SLOClass.DEADLINE:
             assert slo.deadline_s is not None
-            left = r.arrival_s + slo.deadline_s - now
-            after = after_floor = 0.0
             value = float(r.prompt_tokens + g + rem)
-        else:  # compound: the stage sub-deadline leaves room for the rest of the job
-            assert slo.job_deadline_s is not None and r.job is not None
-            left = r.job.job_arrival_s + slo.job_deadline_s - now
-            outlook = self._outlook(r)
-            after = outlook.time_s(tau, k.s_pre)
-            after_floor = outlook.time_s(k.tau_floor, k.s_pre)
-            value = r.job.done_tokens + r.job.stage_calls * float(r.prompt_tokens + g + rem) + outlook.tokens_after
-            calls = r.job.stage_calls
-            cost = calls * cost + outlook.prefill_total_after * k.c_pre + outlook.decode_total_after * (
-                k.c_seq + k.c_kv * (r.prompt_tokens + g)
-            )
-        if left <= 0:
-            return _REJECT
-        if self.truth is not None and t_pre + rem * k.tau_floor + after_floor > left:
-            return _DEMOTE  # the oracle knows it cannot make it
-        needed = t_pre + rem * tau + after
-        success = min(1.0, left / needed) if needed > 0 else 1.0
-        if success < self.min_success:
-            return _DEMOTE
-        if not self.compute_density:
-            cost = needed
-        stage_left = left - after - t_pre
-        rate = rem / stage_left if stage_left > tau else 1.0 / tau
-        prefill_rate = prefill_left / max(tau, stage_left - rem * tau) if prefill_left > 0 else 0.0
-        return Assessment(r, value * success / max(cost, 1e-9), rem, rate, 1.0, math.inf, prefill_rate)
+            return _Static(_DEADLINE, rem, prefill_left, cost, value, r.arrival_s + slo.deadline_s, 0.0, t_pre,
+                           float(rem), 0.0, 0.0, 0.0)
+        assert slo.job_deadline_s is not None and r.job is not None
+        job = r.job
+        outlook = self._outlook(r)
+        after_a = outlook.prefill_tokens_after * e.s_pre
+        after_b = float(outlook.decode_tokens_after + outlook.stages_after)
+        value = job.done_tokens + job.stage_calls * float(r.prompt_tokens + g + rem) + outlook.tokens_after
+        cost = job.stage_calls * cost + outlook.prefill_total_after * e.c_pre + outlook.decode_total_after * (
+            e.c_seq + e.c_kv * (r.prompt_tokens + g)
+        )
+        return _Static(_COMPOUND, rem, prefill_left, cost, value, job.job_arrival_s + slo.job_deadline_s, 0.0,
+                       t_pre + after_a, rem + after_b, after_a, after_b, 0.0)
 
     # ------------------------------------------------------------ decide
     def decide(self, snapshot: Snapshot) -> Decision:
         if not snapshot.requests:
             return Decision.empty()
         now, limits, timing = snapshot.now_s, snapshot.limits, snapshot.timing
-        tau_floor = timing.base_s
-        tau = max(timing.recent_step_s or 0.0, tau_floor)
-        s_pre = timing.recompute_s_per_token
-        frame_s = self.frame_steps * tau
-        costs = _Costs(
-            tau=tau,
-            tau_floor=tau_floor,
-            s_pre=s_pre,
+        engine = _Engine(
+            tau_floor=timing.base_s,
+            s_pre=timing.recompute_s_per_token,
             c_pre=timing.per_seq_s + timing.per_prefill_token_s,
             c_seq=timing.per_seq_s + timing.base_s / max(1, limits.max_running),
             c_kv=timing.per_kv_token_s,
         )
+        tau = max(timing.recent_step_s or 0.0, engine.tau_floor)
+        tau_floor = engine.tau_floor
+        if engine != self._cache_engine:
+            self._cache, self._cache_engine = {}, engine
+        cache, fresh = self._cache, {}
+        static_of = self._static
+        oracle = self.truth is not None
+        by_compute = self.compute_density
+        min_success = self.min_success
 
-        feasible: list[Assessment] = []
+        cand: list[RequestState] = []
+        cand_p: list[float] = []
+        cand_s: list[_Static] = []
         best_effort: list[RequestState] = []
         reject: list[str] = []
         demote: list[str] = []
+        get = cache.get
+        add_cand, add_p, add_s, add_be = cand.append, cand_p.append, cand_s.append, best_effort.append
         for r in snapshot.requests:
-            if r.demoted or r.slo.slo_class is SLOClass.BEST_EFFORT:
-                best_effort.append(r)
+            key = id(r)
+            entry = get(key)
+            if entry is None or entry[0] is not r:
+                entry = (r, static_of(r, engine))
+            fresh[key] = entry
+            st = entry[1]
+            kind, rem, _, cost, value, due, tbt, need_a, need_b, _, _, _ = st
+            if kind == _BE:
+                add_be(r)
                 continue
-            verdict = self._assess(r, now, costs)
-            if verdict == _REJECT:
-                reject.append(r.request_id)
-            elif verdict == _DEMOTE:
-                demote.append(r.request_id)
-                best_effort.append(r)
+            if kind == _LATENCY:
+                late = tau - (due - now)
+                if late <= 0:
+                    earn = rem + value
+                elif tbt > tau:
+                    earn = rem - math.ceil(late / (tbt - tau))
+                else:
+                    earn = 0
+                if earn <= 0:
+                    demote.append(r.request_id)
+                    add_be(r)
+                    continue
+                if not by_compute:
+                    cost = need_a + tau * need_b
+                priority = earn / cost if cost > 0 else earn
             else:
-                assert isinstance(verdict, Assessment)
-                feasible.append(verdict)
+                left = due - now
+                if left <= 0:
+                    reject.append(r.request_id)
+                    continue
+                needed = need_a + tau * need_b
+                if oracle and need_a + tau_floor * need_b > left:
+                    demote.append(r.request_id)  # the oracle knows it cannot make it
+                    add_be(r)
+                    continue
+                success = left / needed if needed > left else 1.0
+                if success < min_success:
+                    demote.append(r.request_id)
+                    add_be(r)
+                    continue
+                if not by_compute:
+                    cost = needed
+                priority = value * success / cost if cost > 0 else value
+            add_cand(r)
+            add_p(priority)
+            add_s(st)
+        self._cache = fresh
 
+        # ranking: priority (stable: ties keep the snapshot's order), GMAX or SJF for the first batch
         batch = limits.max_running
         if self.grouping == "sjf":
-            ranked = sorted(feasible, key=lambda a: (a.rem, a.request.request_id))
-            first: list[Assessment] = ranked
+            rems = [s.rem for s in cand_s]
+            order = sorted(range(len(cand)), key=rems.__getitem__)
         else:
-            ranked = sorted(feasible, key=lambda a: (-a.priority, a.request.request_id))
-            first = gmax_select(ranked, batch, self.p) if self.grouping == "gmax" else ranked
-        chosen_ids = {a.request.request_id for a in first}
-        rest = [a for a in ranked if a.request.request_id not in chosen_ids]
-        order_assessed = [*first, *rest]
+            order = sorted(range(len(cand)), key=cand_p.__getitem__, reverse=True)  # stable: ties keep order
+            if self.grouping == "gmax":
+                order = gmax_order(order, cand_p, [s.rem for s in cand_s], batch, self.p)
+        slo_ordered = [cand[i] for i in order]
         best_effort.sort(key=lambda r: (r.phase is not Phase.RUNNING, *arrival_key(r)))
-        ordered = [a.request for a in order_assessed] + best_effort
 
-        priority = {a.request.request_id: a.priority for a in order_assessed}
-        batch_rate = sum(a.priority for a in order_assessed[:batch])
-        mode_default = PreemptMode.SWAP if limits.swap_blocks_free > 0 and timing.swap_s_per_block else (
-            PreemptMode.RECOMPUTE
-        )
+        priority_of = dict(zip(map(id, cand), cand_p, strict=True))
+        batch_rate = sum(cand_p[i] for i in order[:batch])
+        frame_s = self.frame_steps * tau
+        swap_s = timing.swap_s_per_block
+        s_pre = engine.s_pre
 
         def worth_evicting(victim: RequestState, newcomer: RequestState) -> bool:
-            _, cost = cheaper_mode(victim, limits, timing.swap_s_per_block, s_pre)
-            p_victim = priority.get(victim.request_id, 0.0)
-            gain = (priority.get(newcomer.request_id, 0.0) - p_victim) * frame_s
-            loss = p_victim * (cost + tau) + cost * batch_rate
-            return gain > loss
+            _, cost = cheaper_mode(victim, limits, swap_s, s_pre)
+            p_victim = priority_of.get(id(victim), 0.0)
+            gain = (priority_of.get(id(newcomer), 0.0) - p_victim) * frame_s
+            return gain > p_victim * (cost + tau) + cost * batch_rate
 
-        # Paced requests share the engine's slots: admit up to ``share`` times as many as fit in one step.
+        # Paced requests share the engine's slots: up to ``share`` x B requests progress on B slots.
         admit = limits.max_running * (self.share if self.pace else 1)
-        slo_ordered = [a.request for a in order_assessed]
         packing = pack(slo_ordered, limits, preempt=True, can_evict=worth_evicting, max_requests=admit,
                        others=best_effort)
         if best_effort and (not self.be_only_when_idle or len(packing.run) == len(slo_ordered)):
             # every feasible SLO request is in: fill the rest with best-effort work
-            packing = pack(ordered, limits, preempt=True, can_evict=worth_evicting, max_requests=admit)
-        evictions = []
-        for victim in packing.evict:
-            mode, _ = cheaper_mode(victim, limits, timing.swap_s_per_block, s_pre)
-            evictions.append((victim, mode))
+            packing = pack([*slo_ordered, *best_effort], limits, preempt=True, can_evict=worth_evicting,
+                           max_requests=admit)
 
-        run_ids = {r.request_id for r in packing.run}
-        admitted = [a for a in order_assessed if a.request.request_id in run_ids]
-        paces = (
-            tuple(Pace(a.request.request_id, a.rate, a.owed) for a in admitted) if self.pace else ()
+        static_of_id = dict(zip(map(id, cand), cand_s, strict=True))
+        admitted = [(r, st) for r in packing.run if (st := static_of_id.get(id(r))) is not None]
+        paces, tau_target, prefill_rate = self._frame_plan(admitted, now, tau)
+        budget = None
+        if self.budget_control:
+            budget = self._budget(tau_target, prefill_rate, packing.run, limits.token_budget, timing)
+        mode_default = PreemptMode.SWAP if limits.swap_blocks_free > 0 and swap_s else PreemptMode.RECOMPUTE
+        evictions = tuple(
+            Preemption(v.request_id, cheaper_mode(v, limits, swap_s, s_pre)[0]) for v in packing.evict
         )
-        budget = self._budget(admitted, packing.run, limits.token_budget, timing, tau) if self.budget_control else None
         return Decision(
             run=tuple(r.request_id for r in packing.run),
             pace=paces,
-            preempt=tuple(Preemption(v.request_id, m) for v, m in evictions),
+            preempt=evictions,
             reject=tuple(reject),
             demote=tuple(demote),
             token_budget=budget,
             preempt_mode=mode_default,
         )
 
-    def _budget(
-        self,
-        admitted: list[Assessment],
-        run: tuple[RequestState, ...],
-        limit: int,
-        timing: Any,
-        tau: float,
-    ) -> int | None:
-        """Prefill tokens per step: as many as the tightest running chat request's pace allows, and at least
-        what the admitted newcomers need to start in time."""
+    # ------------------------------------------------------- just enough
+    def assess(self, r: RequestState, st: _Static, now: float, tau: float) -> Assessment:
+        """Bandwidth figures of an admitted request (priority left 0: the ranking has been made)."""
+        if st.kind == _LATENCY:
+            owed = max(0.0, math.floor((now - st.first_due) / st.tbt) + 1 - r.generated) + 1.0
+            spare = st.due - now
+            n = self.frame_steps
+            tau_need = min(spare, (spare + (n - 1) * st.tbt) / n) if spare > 0 else st.tbt
+            prefill_rate = st.prefill_left / max(tau, st.first_due - now) if r.generated == 0 else 0.0
+            return Assessment(r, 0.0, st.rem, 1.0 / st.tbt, owed, max(tau_need, 1e-6), prefill_rate)
+        left = st.due - now
+        stage_left = left - (st.after_a + tau * st.after_b) - (st.need_a - st.after_a)
+        rate = st.rem / stage_left if stage_left > tau else 1.0 / tau
+        prefill_rate = st.prefill_left / max(tau, stage_left - st.rem * tau) if st.prefill_left > 0 else 0.0
+        return Assessment(r, 0.0, st.rem, rate, 1.0, math.inf, prefill_rate)
+
+    def _frame_plan(
+        self, admitted: list[tuple[RequestState, _Static]], now: float, tau: float
+    ) -> tuple[tuple[Pace, ...], float, float]:
+        """Paces of the admitted requests, the tightest step time the decoding chat requests allow, and the
+        prefill rate the admitted newcomers need (one pass; ``assess`` spelled out for speed)."""
+        paces: list[Pace] = []
         tau_target = math.inf
         prefill_rate = 0.0
-        for a in admitted:
-            if a.request.decoding:
-                tau_target = min(tau_target, a.tau_need)
-            prefill_rate += a.prefill_rate
+        n = self.frame_steps
+        for r, st in admitted:
+            g = r.generated
+            if st.kind == _LATENCY:
+                tbt = st.tbt
+                owed = (now - st.first_due) / tbt + 1 - g
+                paces.append(Pace(r.request_id, 1.0 / tbt, (math.floor(owed) if owed > 0 else 0) + 1.0))
+                if g == 0:
+                    prefill_rate += st.prefill_left / max(tau, st.first_due - now)
+                elif st.prefill_left == 0 and r.phase is Phase.RUNNING:
+                    spare = st.due - now
+                    need = min(spare, (spare + (n - 1) * tbt) / n) if spare > 0 else tbt
+                    if need < tau_target:
+                        tau_target = need
+                continue
+            stage_left = st.due - now - (st.after_a + tau * st.after_b) - (st.need_a - st.after_a)
+            rate = st.rem / stage_left if stage_left > tau else 1.0 / tau
+            paces.append(Pace(r.request_id, rate, 1.0))
+            if st.prefill_left > 0:
+                prefill_rate += st.prefill_left / max(tau, stage_left - st.rem * tau)
+        return (tuple(paces) if self.pace else ()), max(tau_target, 1e-6), prefill_rate
+
+    def _budget(
+        self, tau_target: float, prefill_rate: float, run: Sequence[RequestState], limit: int, timing: EngineTiming
+    ) -> int | None:
+        """Prefill tokens per step: as many as the tightest decoding chat request's pace allows, and at least
+        what the admitted newcomers need to start in time."""
         if math.isinf(tau_target):
             return None
-        decodes = sum(1 for r in run if r.decoding)
-        kv = sum(r.computed_tokens for r in run if r.decoding)
+        decodes = 0
+        kv = 0
+        for r in run:
+            if r.generated and r.phase is Phase.RUNNING and r.prompt_tokens + r.generated - r.computed_tokens == 1:
+                decodes += 1
+                kv += r.computed_tokens
         per_prefill = timing.per_seq_s + timing.per_prefill_token_s
         decode_step = timing.step_time(decodes, kv)
         by_pace = (tau_target - decode_step) / per_prefill if per_prefill > 0 else limit
@@ -360,36 +436,37 @@ class TempoPolicy(Policy):
         return None if budget >= limit else max(1, int(budget))
 
 
-def _tempo_factory(**fixed: Any) -> Any:
-    def factory(context: PolicyContext, **params: Any) -> Policy:
-        kwargs = {**fixed, **params}
-        for key in ("frame_steps", "min_chunk", "share"):
-            if key in kwargs:
-                kwargs[key] = int(kwargs[key])
-        for key in ("p", "min_success"):
-            if key in kwargs:
-                kwargs[key] = float(kwargs[key])
-        for key in ("pace", "budget_control", "compute_density", "be_only_when_idle"):
-            if key in kwargs and isinstance(kwargs[key], str):
-                kwargs[key] = kwargs[key].lower() in ("1", "true", "yes", "on")
-        truth = kwargs.pop("truth", None)
-        return TempoPolicy(job_profile=context.job_profile, truth=truth, **kwargs)
-
-    return factory
-
-
 class OracleTempo(TempoPolicy):
     """Tempo with perfect information: true remaining lengths and true job graphs."""
 
     name = "oracle"
 
 
+def _parse_params(params: dict[str, Any]) -> dict[str, Any]:
+    out = dict(params)
+    for key in ("frame_steps", "min_chunk", "share"):
+        if key in out:
+            out[key] = int(out[key])
+    for key in ("p", "min_success"):
+        if key in out:
+            out[key] = float(out[key])
+    for key in ("pace", "budget_control", "compute_density", "be_only_when_idle"):
+        if key in out and isinstance(out[key], str):
+            out[key] = out[key].strip().lower() in ("1", "true", "yes", "on")
+    return out
+
+
+def _tempo_factory(**fixed: Any) -> Any:
+    def factory(context: PolicyContext, **params: Any) -> Policy:
+        return TempoPolicy(job_profile=context.job_profile, **_parse_params({**fixed, **params}))
+
+    return factory
+
+
 def _oracle(context: PolicyContext, **params: Any) -> Policy:
     if context.truth is None:
         raise ValueError("the oracle policy needs the true lengths and job graphs (PolicyContext.truth)")
-    tempo = _tempo_factory()(context, **params)
-    assert isinstance(tempo, TempoPolicy)
-    return OracleTempo(**{**tempo.kwargs(), "truth": context.truth, "job_profile": context.job_profile})
+    return OracleTempo(job_profile=context.job_profile, truth=context.truth, **_parse_params(params))
 
 
 register_policy("tempo", "Tempo: just-enough bandwidth, goodput priority, GMAX grouping")(_tempo_factory())

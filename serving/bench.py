@@ -52,7 +52,7 @@ BASELINES = ("fcfs", "priority", "edf", "sjf", "srtf", "autellix")
 # Rates as multiples of the FCFS saturation rate of the default profile (see docs/scheduler.md):
 # light, overloaded, 2x overloaded.
 DEFAULT_LOAD_FACTORS = (0.5, 1.25, 2.0)
-DEFAULT_SATURATION_RPS = 2.2  # a100-llama3-8b, mix 1:1:1, Azure conv arrivals: `tempo bench --find-capacity`
+DEFAULT_SATURATION_RPS = 2.27  # a100-llama3-8b, mix 1:1:1, Azure conv arrivals: `tempo bench --find-capacity`
 QUICK_DURATION_S = 120.0
 
 

@@ -45,7 +45,9 @@ def bench_command(
     ] = None,
     policies: Annotated[
         str,
-        typer.Option(help="Comma-separated policy specs: NAME, NAME:ESTIMATOR, NAME@key=value+key=value (docs/scheduler.md)."),
+        typer.Option(
+            help="Comma-separated policy specs: NAME, NAME:ESTIMATOR, NAME@key=value+key=value (docs/scheduler.md)."
+        ),
     ] = ",".join(DEFAULT_POLICIES),
     estimator: Annotated[
         str, typer.Option(help="Bound provider for policies that name none: empirical, fixed, oracle, ...")

@@ -35,8 +35,8 @@ def runs_table(runs: list[RunOut], title: str) -> Table:
             for name in ("latency", "deadline", "compound")
         )
 
-        def worst(attr: str, q: str) -> str:
-            values = [getattr(getattr(c, attr), q) for c in r.per_class.values() if getattr(getattr(c, attr), q)]
+        def worst(attr: str, q: str, run: RunOut = r) -> str:
+            values = [getattr(getattr(c, attr), q) for c in run.per_class.values() if getattr(getattr(c, attr), q)]
             return _fmt(max(values), 2) if values else "-"
 
         table.add_row(

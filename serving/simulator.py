@@ -156,6 +156,7 @@ class SimStats:
     engine_preemptions: int = 0  # initiated by the engine on a KV shortage (the rest: by the policy)
     rejections: int = 0
     rejected_by_job_abort: int = 0
+    rejected_by_engine: int = 0  # too long for the whole KV cache
     demotions: int = 0
     decisions: int = 0
     decision_s: list[float] = field(default_factory=list)
@@ -193,6 +194,7 @@ class Simulator:
         horizon_s: float | None = None,
         check_decisions: bool = False,
     ) -> None:
+        """``check_decisions``: validate every decision and the engine's invariants each step (tests)."""
         self.policy = policy
         self.profile = profile
         self.cfg = profile.engine
@@ -303,6 +305,7 @@ class Simulator:
                     sibling.state = None
         self.live[r.id] = r
         self.waiting[r.id] = r  # released at ``t``, the latest arrival so far: the waiting order holds
+        self._too_long(r, r.prompt + 1)
         self.dirty = True
         self.stats.max_live = max(self.stats.max_live, len(self.live))
 
@@ -399,6 +402,7 @@ class Simulator:
 
     def _reject(self, r: _Req, by_job: bool = False) -> None:
         self._drop_kv(r)
+        r.phase = Phase.WAITING
         r.rejected = True
         self.live.pop(r.id, None)
         self.waiting.pop(r.id, None)
@@ -447,6 +451,7 @@ class Simulator:
         r.phase = Phase.WAITING
         self.waiting[r.id] = r
         self._waiting_sorted = False
+        self._too_long(r, r.prompt + r.generated + 1)
         return 0
 
     # ------------------------------------------------------------------ steps
@@ -472,6 +477,8 @@ class Simulator:
             else:
                 self.dirty = True  # idle until the next event; re-plan then
                 return
+        if self.check:
+            self._check_step(decodes, prefills)
         prefill_tokens = 0
         pairs = 0.0
         ctx = 0
@@ -499,8 +506,47 @@ class Simulator:
         if len(self._recent) > RECENT_STEPS:
             self._recent.pop(0)
 
+    def _check_step(self, decodes: list[_Req], prefills: list[tuple[_Req, int]]) -> None:
+        """Engine invariants (debug mode): limits per step, KV accounting, no request scheduled twice."""
+        ids = [r.id for r in decodes] + [r.id for r, _ in prefills]
+        problems = []
+        if len(ids) != len(set(ids)):
+            problems.append("a request is scheduled twice in one step")
+        if len(ids) > self.cfg.max_running:
+            problems.append(f"{len(ids)} requests scheduled, max_running {self.cfg.max_running}")
+        tokens = len(decodes) + sum(c for _, c in prefills)
+        if tokens > self.token_budget:
+            problems.append(f"{tokens} tokens scheduled, budget {self.token_budget}")
+        held = sum(r.blocks for r in self.resident.values())
+        if held + self.free_blocks != self.cfg.kv_blocks or self.free_blocks < 0:
+            problems.append(f"KV accounting: {held} held + {self.free_blocks} free != {self.cfg.kv_blocks}")
+        swapped = sum(r.blocks for r in self.swapped.values())
+        if swapped + self.swap_free != self.cfg.swap_blocks or self.swap_free < 0:
+            problems.append(f"swap accounting: {swapped} + {self.swap_free} != {self.cfg.swap_blocks}")
+        for r in decodes:
+            if r.computed + 1 > r.blocks * self.block:
+                problems.append(f"{r.id} decodes without a KV slot for its token")
+        for r, chunk in prefills:
+            if chunk <= 0 or r.computed + chunk > r.blocks * self.block:
+                problems.append(f"{r.id} prefills {chunk} tokens without KV for them")
+            if r.computed + chunk > r.prompt + r.generated:
+                problems.append(f"{r.id} prefills past its known tokens")
+        if problems:
+            raise AssertionError(f"engine invariant broken at t={self.now:.4f}: {problems}")
+
+    def _too_long(self, r: _Req, tokens: int) -> bool:
+        """A request whose KV (``computed`` + ``tokens``) outgrows the whole cache can never finish: the engine
+        aborts it (as vLLM refuses requests longer than the cache can hold) and reports it as rejected."""
+        if -(-(r.computed + tokens) // self.block) <= self.cfg.kv_blocks - self.watermark:
+            return False
+        self.stats.rejected_by_engine += 1
+        self._reject(r)
+        return True
+
     def _grow(self, r: _Req, tokens: int, scheduled: set[str]) -> bool:
         """Make room for ``tokens`` more KV tokens of resident ``r``; preempts victims when needed."""
+        if self._too_long(r, tokens):
+            return False
         need = -(-(r.computed + tokens) // self.block) - r.blocks
         while need > self.free_blocks:
             victims = victim_order([x.id for x in self.run_order], list(self.resident))
@@ -561,6 +607,7 @@ class Simulator:
             pending = r.prompt + r.generated - r.computed
             if phase is running and pending <= 1 and r.generated > 0:
                 continue  # a decode (handled above, or ahead of its pace)
+
             chunk = min(pending, budget)
             need = -(-(r.computed + chunk) // self.block) - r.blocks
             reserve = self.watermark if phase is Phase.WAITING else 0
@@ -590,8 +637,8 @@ class Simulator:
             scheduled.add(r.id)
             slots -= 1
             budget -= 1
-        decodes = [r for r in decodes if r.phase is running]
-        prefills = [(r, c) for r, c in prefills if r.phase is running]
+        decodes = [r for r in decodes if r.phase is running and not r.rejected]
+        prefills = [(r, c) for r, c in prefills if r.phase is running and not r.rejected]
         return decodes, prefills, self._pending_swap
 
     def _finish_step(self) -> None:
