@@ -108,19 +108,21 @@ def loadtest(
     duration: Annotated[float, typer.Option(help="Seconds.", min=0.1)] = 10.0,
     batch: Annotated[int, typer.Option(help="Estimates per request (>1: the batch endpoint).", min=1)] = 1,
     rate: Annotated[float | None, typer.Option(help="Open loop: requests/s in total (default: closed loop).")] = None,
+    distinct: Annotated[bool, typer.Option(help="A new prompt every request (defeats the service's caches).")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
 ) -> None:
     """Drive /v1/estimate (or :batch) and print req/s, estimates/s, p50/p99 latency."""
     from tempo.estimator.loadtest import run_load
 
-    result = run_load(url, concurrency, duration, batch, rate)
+    result = run_load(url, concurrency, duration, batch, rate, distinct=distinct)
     if result.requests == 0 or result.errors == result.requests:
         raise TempoError(f"no successful request to {url} ({result.errors} errors)")
     text = json.dumps(result.to_dict(), indent=2)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(text)
-    typer.echo(f"{result.mode}: {result.req_per_s:.0f} req/s, {result.estimates_per_s:.0f} estimates/s, "
+    label = f"{result.mode}{' distinct' if distinct else ''}"
+    typer.echo(f"{label}: {result.req_per_s:.0f} req/s, {result.estimates_per_s:.0f} estimates/s, "
                f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, errors {result.errors}")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,11 +138,49 @@ def _scaled(ladder: BoundLadder, factor: float, max_tokens: int | None) -> list[
     return steps or [(0, 1)]
 
 
+class LRU:
+    """A small thread-safe LRU map (prompt sketches, raw batch ladders)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            value = self._data.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+
+
+def text_key(text: str | None) -> bytes:
+    return hashlib.blake2b((text or "").encode("utf-8"), digest_size=16).digest()
+
+
 class Estimator:
-    """Bounds for requests from whatever is available: batch model, River model, fallback."""
+    """Bounds for requests from whatever is available: batch model, River model, fallback.
+
+    Caches (LRU, by a digest of the prompt): the prompt's sketch, and the served batch model's raw ladder
+    per (version, prompt, metadata). The online factor is applied on top at every request, so a cached
+    ladder still follows the calibration; repeated prompts (retries, refine calls, shared system
+    prompts) skip the featurizer and the model.
+    """
 
     def __init__(self, quantile: float, learner: OnlineLengthLearner | None = None,
-                 fallback: FallbackBounds | None = None) -> None:
+                 fallback: FallbackBounds | None = None, cache_size: int = 8192) -> None:
         self.quantile = quantile
         self.learner = learner or OnlineLengthLearner(quantile=quantile)
         self.fallback = fallback or FallbackBounds(quantile)
@@ -150,6 +188,8 @@ class Estimator:
         self.served: ServedModel | None = None
         self.lock = threading.Lock()  # guards the learner between the worker and requests
         self.hash_spec = FeatureSpec()
+        self.sketches = LRU(cache_size)
+        self.raw_ladders = LRU(cache_size)
 
     # -- model -----------------------------------------------------------------------------------
     def swap(self, served: ServedModel | None) -> None:
@@ -167,14 +207,20 @@ class Estimator:
         served = self.served
         return served.version if served is not None else None
 
-    def sketch(self, text: str | None) -> PromptSketch:
-        return safe_sketch(text, self.hash_spec)
+    def sketch(self, text: str | None, key: bytes | None = None) -> PromptSketch:
+        key = key if key is not None else text_key(text)
+        sketch = self.sketches.get(key)
+        if sketch is None:
+            sketch = safe_sketch(text, self.hash_spec)
+            self.sketches.put(key, sketch)
+        return sketch  # type: ignore[no-any-return]
 
     # -- estimates -------------------------------------------------------------------------------
     def estimate(self, requests: Sequence[EstimateRequest]) -> list[EstimateResponse]:
         served = self.served
+        keys = [text_key(r.prompt) for r in requests]
         infos = [RequestInfo(estimate_prompt_tokens(r), r.app, r.model, r.slo_class,
-                             sketch=self.sketch(r.prompt)) for r in requests]
+                             sketch=self.sketch(r.prompt, k)) for r, k in zip(requests, keys, strict=True)]
         out: list[EstimateResponse | None] = [None] * len(requests)
         batch_rows: list[int] = []
         with self.lock:
@@ -196,9 +242,19 @@ class Estimator:
             factors = {i: self.learner.factor("batch", infos[i].model, infos[i].app) for i in batch_rows}
         if batch_rows:
             assert served is not None
-            ladders = served.model.predict_ladders([infos[i] for i in batch_rows])
-            for i, ladder in zip(batch_rows, ladders, strict=True):
-                out[i] = self._response(requests[i], ladder, factors[i], "batch", served.version)
+            ladder_keys = {i: (served.version, keys[i], infos[i].prompt_tokens, infos[i].app, infos[i].model,
+                               infos[i].slo_class) for i in batch_rows}
+            ladders: dict[int, BoundLadder] = {}
+            for i in batch_rows:
+                if (cached := self.raw_ladders.get(ladder_keys[i])) is not None:
+                    ladders[i] = cached
+            missing = [i for i in batch_rows if i not in ladders]
+            if missing:
+                for i, ladder in zip(missing, served.model.predict_ladders([infos[i] for i in missing]), strict=True):
+                    ladders[i] = ladder
+                    self.raw_ladders.put(ladder_keys[i], ladder)
+            for i in batch_rows:
+                out[i] = self._response(requests[i], ladders[i], factors[i], "batch", served.version)
         return [r for r in out if r is not None]
 
     def _response(self, request: EstimateRequest, ladder: BoundLadder, factor: float, source: str,

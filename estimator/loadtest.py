@@ -32,6 +32,7 @@ class LoadResult:
     p99_ms: float
     max_ms: float
     rate: float | None = None
+    distinct: bool = False  # every prompt new (no cache hit in the service)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -85,7 +86,7 @@ class _Connection:
 
 
 async def _run(url: str, concurrency: int, duration_s: float, batch: int, rate: float | None,
-               payloads: list[dict[str, Any]]) -> LoadResult:
+               payloads: list[dict[str, Any]], distinct: bool = False) -> LoadResult:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = "/v1/estimate:batch" if batch > 1 else "/v1/estimate"
@@ -98,6 +99,20 @@ async def _run(url: str, concurrency: int, duration_s: float, batch: int, rate: 
             bodies.append(json.dumps(rng.choice(payloads)).encode())
     latencies: list[float] = []
     errors = 0
+    counter = 0
+
+    def body_for(i: int) -> bytes:
+        """A pre-encoded body, or with ``distinct`` one whose prompts were never seen (no cache hit)."""
+        nonlocal counter
+        if not distinct:
+            return bodies[i % len(bodies)]
+        chosen = [payloads[(i * 31 + j) % len(payloads)] for j in range(batch)]
+        unique = []
+        for p in chosen:
+            counter += 1
+            unique.append({**p, "prompt": f"{p.get('prompt', '')} [{counter}]"})
+        return json.dumps({"requests": unique} if batch > 1 else unique[0]).encode()
+
     start = time.perf_counter()
     end = start + duration_s
     interval = concurrency / rate if rate else 0.0
@@ -118,7 +133,7 @@ async def _run(url: str, concurrency: int, duration_s: float, batch: int, rate: 
                 if t0 >= end:
                     return
                 try:
-                    status = await conn.post(path, bodies[i % len(bodies)])
+                    status = await conn.post(path, body_for(i))
                     if status != 200:
                         errors += 1
                 except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
@@ -140,10 +155,12 @@ async def _run(url: str, concurrency: int, duration_s: float, batch: int, rate: 
 
 
 def run_load(url: str, concurrency: int = 8, duration_s: float = 10.0, batch: int = 1, rate: float | None = None,
-             payloads: list[dict[str, Any]] | None = None) -> LoadResult:
+             payloads: list[dict[str, Any]] | None = None, distinct: bool = False) -> LoadResult:
     if concurrency < 1 or duration_s <= 0 or batch < 1 or (rate is not None and rate <= 0):
         raise TempoError("--concurrency, --duration, --batch and --rate must be positive")
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise TempoError(f"--url must be an http:// URL, got {url!r}")
-    return asyncio.run(_run(url, concurrency, duration_s, batch, rate, payloads or sample_payloads()))
+    result = asyncio.run(_run(url, concurrency, duration_s, batch, rate, payloads or sample_payloads(), distinct))
+    result.distinct = distinct
+    return result
