@@ -53,19 +53,19 @@ MAX_BODY_BYTES = 8 << 20
 
 # -- dependencies ------------------------------------------------------------------------------------
 def settings_dep(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 def estimator_dep(request: Request) -> Estimator:
-    return request.app.state.estimator  # type: ignore[no-any-return]
+    return request.app.state.estimator
 
 
 def store_dep(request: Request) -> Store:
-    return request.app.state.store  # type: ignore[no-any-return]
+    return request.app.state.store
 
 
 def metrics_dep(request: Request) -> Metrics:
-    return request.app.state.metrics  # type: ignore[no-any-return]
+    return request.app.state.metrics
 
 
 SettingsDep = Annotated[Settings, Depends(settings_dep)]
@@ -169,7 +169,7 @@ def record_completion(body: CompletionRecord, store: StoreDep, estimator: Estima
 
 
 models = APIRouter(prefix="/v1", tags=["models"])
-Version = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+Version = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]  # a directory name, never ".."
 
 
 @models.get("/models", response_model=ModelsResponse)
@@ -363,6 +363,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": "internal error"}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
 
     # metrics see every request, body limit first
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # type: ignore[arg-type]
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     return app

@@ -35,7 +35,8 @@ def _data() -> tuple[list[LengthRow], dict[str, str]]:
 
 def rows_for(model: str) -> dict[str, list[LengthRow]]:
     rows = [r for r in _data()[0] if r.model == model]
-    return split_rows(rows)
+    splits: dict[str, list[LengthRow]] = split_rows(rows)
+    return splits
 
 
 def prompts() -> dict[str, str]:

@@ -119,7 +119,7 @@ def safe_sketch(text: str | None, spec: FeatureSpec) -> PromptSketch:
 
 def estimate_prompt_tokens(request: EstimateRequest) -> int:
     if request.prompt_tokens is not None:
-        return request.prompt_tokens
+        return int(request.prompt_tokens)
     return max(1, math.ceil(len(request.prompt or "") / 4))  # ~4 characters per token
 
 
@@ -213,7 +213,7 @@ class Estimator:
         if sketch is None:
             sketch = safe_sketch(text, self.hash_spec)
             self.sketches.put(key, sketch)
-        return sketch  # type: ignore[no-any-return]
+        return sketch  # type: ignore[no-any-return,unused-ignore]
 
     # -- estimates -------------------------------------------------------------------------------
     def estimate(self, requests: Sequence[EstimateRequest]) -> list[EstimateResponse]:
@@ -261,7 +261,7 @@ class Estimator:
                   version: str | None) -> EstimateResponse:
         steps = _scaled(ladder, factor, request.max_tokens)
         return EstimateResponse(upper_bound=steps[0][1], quantile=self.quantile, ladder=steps, model_version=version,
-                                fallback=source == "fallback", source=source)  # type: ignore[arg-type]
+                                fallback=source == "fallback", source=source)  # type: ignore[arg-type,unused-ignore]
 
     def check_quantile(self, quantile: float | None) -> str | None:
         """An error message when a request asks for a quantile other than the served one."""

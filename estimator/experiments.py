@@ -93,11 +93,14 @@ def drift(n_before: int = 1000, n_after: int = 3000, window: int = 200, tol: flo
         learner = OnlineLengthLearner(quantile=0.9, calibrate=calibrate, use_river=False)
         covered, bounds, lengths = serve_stream(obs, learner)
         post = slice(n_before + n_after // 3, None)
+        recovered = recovery(covered, n_before, 0.9, tol, window)
         out[name] = {
             "coverage_before": round(float(covered[:n_before].mean()), 4),
             "coverage_first_100_after": round(float(covered[n_before:n_before + 100].mean()), 4),
             "min_rolling_coverage_after": min_rolling(covered, n_before, window),
-            "completions_to_recover": recovery(covered, n_before, 0.9, tol, window),
+            "completions_to_recover": recovered,
+            "coverage_after_recovery": (round(float(covered[n_before + recovered:].mean()), 4)
+                                        if recovered is not None else None),
             "completions_to_recover_w100": recovery(covered, n_before, 0.9, tol, 100),
             "coverage_last_two_thirds": round(float(covered[post].mean()), 4),
             "reserved_per_used_last_two_thirds": reserved_per_used(bounds[post], lengths[post]),

@@ -78,11 +78,17 @@ def samples_from_records(records: list[dict[str, Any]], spec: FeatureSpec,
             for s, g in groups.items()}
 
 
-def evaluate(model: LengthBoundModel, samples: LengthSamples) -> dict[str, float]:
-    """Coverage (share of lengths <= B0) and overestimation (tokens reserved by B0 per token generated)."""
+def evaluate(model: LengthBoundModel, samples: LengthSamples, target: float = 0.9) -> dict[str, float]:
+    """Coverage (share of lengths <= B0), overestimation (tokens reserved by B0 per token generated), and
+    the overestimation at exactly the target coverage (B0 rescaled by the holdout's own ratio quantile: the
+    model's sharpness, what online calibration can get out of it)."""
     b0 = model.predict_bound(samples.requests)[samples.request_index]
-    return {"coverage": round(float(np.mean(samples.lengths <= b0)), 4),
-            "overestimation": round(float(b0.sum() / samples.lengths.sum()), 4), "n": float(len(samples))}
+    lengths = samples.lengths
+    scale = float(np.quantile(lengths / b0, target))
+    return {"coverage": round(float(np.mean(lengths <= b0)), 4),
+            "overestimation": round(float(b0.sum() / lengths.sum()), 4),
+            "overestimation_at_target": round(float(np.ceil(b0 * scale).sum() / lengths.sum()), 4),
+            "n": float(len(samples))}
 
 
 def tolerance_for(target: float, tolerance: float, n_groups: int) -> float:
@@ -90,7 +96,7 @@ def tolerance_for(target: float, tolerance: float, n_groups: int) -> float:
     ``n_groups`` distinct prompts (a prompt's repeated completions are correlated, so prompts, not
     completions, are the effective sample size)."""
     se = (target * (1 - target) / max(n_groups, 1)) ** 0.5
-    return max(tolerance, 2 * se)
+    return float(max(tolerance, 2 * se))
 
 
 def accept(candidate: dict[str, float], active: dict[str, float] | None, target: float, tolerance: float) -> str | None:
@@ -141,13 +147,13 @@ def _retrain(records: list[dict[str, Any]], store: Store, settings: Settings, mi
         return RetrainReport("skipped", "too few completions with prompt sketches in some slice", len(records))
     candidate = LengthBoundModel(quantile=settings.quantile, model_params=dict(model_params or {}))
     candidate.fit(parts["fit"]).calibrate(parts["calibration"], groups_by_app=True)
-    cand_metrics = evaluate(candidate, parts["holdout"])
+    cand_metrics = evaluate(candidate, parts["holdout"], settings.quantile)
     active_version = store.active_version()
     active_metrics = None
     if active_version is not None:
         try:
             served = ServedModel.load(settings.artifacts_dir / active_version)
-            active_metrics = evaluate(served.model, parts["holdout"])
+            active_metrics = evaluate(served.model, parts["holdout"], settings.quantile)
         except (OSError, ValueError) as exc:
             log.warning("active model %s cannot be evaluated (%s): treated as absent", active_version, exc)
     band = tolerance_for(settings.quantile, tolerance, len(parts["holdout"].requests))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -16,27 +16,33 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TEMPO_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_timeout_s: float = Field(0.5, gt=0)  # socket timeout: a dead Redis must not stall a request
+    redis_timeout_s: float = Field(default=0.5, gt=0)  # socket timeout: a dead Redis must not stall a request
     key_prefix: str = "tempo"
     stream: str = "tempo:completions"
-    stream_maxlen: int = Field(1_000_000, ge=1000)  # approximate trim of the completion stream
-    dedupe_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # a request id is recorded once within this window
+    stream_maxlen: int = Field(default=1_000_000, ge=1000)  # approximate trim of the completion stream
+    dedupe_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)  # a request id is recorded once within this window
     store_prompt_text: bool = False  # completion records keep the hashed sketch; the text only when True
     artifacts_dir: Path = Path("artifacts")
     admin_token: SecretStr | None = None  # admin endpoints answer 403 while unset
-    quantile: float = Field(0.9, gt=0, lt=1)  # served when there is no model (fallback and River)
-    max_batch: int = Field(1024, ge=1)
+    quantile: float = Field(default=0.9, gt=0, lt=1)  # served when there is no model (fallback and River)
+    max_batch: int = Field(default=1024, ge=1)
     run_worker: bool = True  # the online learner and registry watcher run inside the API process
     consumer: str = "online-1"  # consumer name in the online group (one learner per service)
-    worker_batch: int = Field(256, ge=1)
-    worker_block_ms: int = Field(200, ge=1)
-    checkpoint_every: int = Field(512, ge=1)  # records applied before state + acks are committed
-    checkpoint_interval_s: float = Field(1.0, gt=0)
-    claim_idle_ms: int = Field(30_000, ge=0)  # pending entries idle this long are claimed on restart
-    registry_poll_s: float = Field(1.0, gt=0)
-    fallback_window: int = Field(2000, ge=10)  # recent completions per class behind the fallback bound
-    fallback_default: int = Field(1024, ge=1)  # fallback bound before any completion is seen
-    apply_delay_s: float = Field(0.0, ge=0)  # sleep per applied record: fault-injection tests only
+    worker_batch: int = Field(default=256, ge=1)
+    worker_block_ms: int = Field(default=200, ge=1)
+    checkpoint_every: int = Field(default=512, ge=1)  # records applied before state + acks are committed
+    checkpoint_interval_s: float = Field(default=1.0, gt=0)
+    claim_idle_ms: int = Field(default=30_000, ge=0)  # pending entries idle this long are claimed on restart
+    registry_poll_s: float = Field(default=1.0, gt=0)
+    fallback_window: int = Field(default=2000, ge=10)  # recent completions per class behind the fallback bound
+    fallback_default: int = Field(default=1024, ge=1)  # fallback bound before any completion is seen
+    apply_delay_s: float = Field(default=0.0, ge=0)  # sleep per applied record: fault-injection tests only
+
+    @model_validator(mode="after")
+    def _blocking_read_fits_the_socket_timeout(self) -> Settings:
+        if self.worker_block_ms / 1000 >= self.redis_timeout_s:
+            raise ValueError("worker_block_ms must be shorter than redis_timeout_s (a blocking read would time out)")
+        return self
 
 
 @lru_cache

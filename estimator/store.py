@@ -119,7 +119,7 @@ class Store:
     def read_group(self, group: str, consumer: str, count: int, block_ms: int | None = None,
                    pending: bool = False) -> list[tuple[str, dict[str, Any] | None]]:
         """New entries (``pending=False``) or this consumer's delivered-but-unacknowledged ones."""
-        reply = self.redis.xreadgroup(group, consumer, {self.stream: "0" if pending else ">"}, count=count,
+        reply: Any = self.redis.xreadgroup(group, consumer, {self.stream: "0" if pending else ">"}, count=count,
                                       block=None if pending else block_ms)
         return decode_entries(reply[0][1]) if reply else []
 
@@ -174,7 +174,8 @@ class Store:
         return out[:count] if count is not None else out
 
     def recent(self, count: int) -> list[tuple[str, dict[str, Any] | None]]:
-        return decode_entries(self.redis.xrevrange(self.stream, count=count))
+        entries: Any = self.redis.xrevrange(self.stream, count=count)
+        return decode_entries(entries)
 
     def length(self) -> int:
         return int(self.redis.xlen(self.stream))
