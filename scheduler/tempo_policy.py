@@ -72,21 +72,22 @@ class _Engine(NamedTuple):
     c_kv: float  # engine time per cached token a decode reads
 
 
-class _Static(NamedTuple):
-    """The clock-independent part of a request's assessment."""
-
-    kind: int
-    rem: int  # remaining-length bound
-    prefill_left: int  # tokens to (re)compute before its next token
-    cost: float  # engine time it still needs (for a compound call: with the rest of its job)
-    value: float  # deadline/compound: tokens it earns if met; latency: the prompt (earned with the TTFT)
-    due: float  # latency: when the next token is due, less its prefill time; else the (job) deadline
-    tbt: float  # latency: seconds per token
-    need_a: float  # needed time = need_a + tau * need_b (latency: need_b = rem)
-    need_b: float
-    after_a: float  # compound: rest of the job = after_a + tau * after_b
-    after_b: float
-    first_due: float  # latency: arrival + TTFT
+# The clock-independent part of a request's assessment, memoised per request state. A plain tuple (cheaper
+# to build than a NamedTuple; the engine makes new states for every resident at every step), by position:
+_KIND = 0  # _BE, _LATENCY, _DEADLINE or _COMPOUND
+_REM = 1  # remaining-length bound
+_PREFILL = 2  # tokens to (re)compute before its next token
+_COST = 3  # engine time it still needs (for a compound call: with the rest of its job)
+_VALUE = 4  # deadline/compound: tokens it earns if met; latency: the prompt (earned with the TTFT)
+_DUE = 5  # latency: when the next token is due, less its prefill time; else the (job) deadline
+_TBT = 6  # latency: seconds per token
+_NEED_A = 7  # time it needs = need_a + tau * need_b (latency: need_b = rem)
+_NEED_B = 8
+_AFTER_A = 9  # compound: rest of the job = after_a + tau * after_b
+_AFTER_B = 10
+_FIRST_DUE = 11  # latency: arrival + TTFT
+_Static = tuple[int, int, int, float, float, float, float, float, float, float, float, float]
+_BE_STATIC: _Static = (_BE, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 class Assessment(NamedTuple):
@@ -207,7 +208,7 @@ class TempoPolicy(Policy):
         slo = r.slo
         cls = slo.slo_class
         if r.demoted or cls is SLOClass.BEST_EFFORT:
-            return _Static(_BE, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+            return _BE_STATIC
         g = r.generated
         rem = self._remaining(r)
         pending = r.prompt_tokens + g - r.computed_tokens
@@ -218,13 +219,13 @@ class TempoPolicy(Policy):
             assert slo.ttft_s is not None and slo.tbt_s is not None
             first_due = r.arrival_s + slo.ttft_s
             bonus = float(r.prompt_tokens) if g == 0 else 0.0
-            return _Static(_LATENCY, rem, prefill_left, cost, bonus, first_due + g * slo.tbt_s - t_pre, slo.tbt_s,
-                           t_pre, float(rem), 0.0, 0.0, first_due)
+            return (_LATENCY, rem, prefill_left, cost, bonus, first_due + g * slo.tbt_s - t_pre, slo.tbt_s,
+                    t_pre, float(rem), 0.0, 0.0, first_due)
         if cls is SLOClass.DEADLINE:
             assert slo.deadline_s is not None
             value = float(r.prompt_tokens + g + rem)
-            return _Static(_DEADLINE, rem, prefill_left, cost, value, r.arrival_s + slo.deadline_s, 0.0, t_pre,
-                           float(rem), 0.0, 0.0, 0.0)
+            return (_DEADLINE, rem, prefill_left, cost, value, r.arrival_s + slo.deadline_s, 0.0, t_pre,
+                    float(rem), 0.0, 0.0, 0.0)
         assert slo.job_deadline_s is not None and r.job is not None
         job = r.job
         outlook = self._outlook(r)
@@ -234,8 +235,8 @@ class TempoPolicy(Policy):
         cost = job.stage_calls * cost + outlook.prefill_total_after * e.c_pre + outlook.decode_total_after * (
             e.c_seq + e.c_kv * (r.prompt_tokens + g)
         )
-        return _Static(_COMPOUND, rem, prefill_left, cost, value, job.job_arrival_s + slo.job_deadline_s, 0.0,
-                       t_pre + after_a, rem + after_b, after_a, after_b, 0.0)
+        return (_COMPOUND, rem, prefill_left, cost, value, job.job_arrival_s + slo.job_deadline_s, 0.0,
+                t_pre + after_a, rem + after_b, after_a, after_b, 0.0)
 
     # ------------------------------------------------------------ decide
     def decide(self, snapshot: Snapshot) -> Decision:
@@ -319,12 +320,12 @@ class TempoPolicy(Policy):
         # ranking: priority (stable: ties keep the snapshot's order), GMAX or SJF for the first batch
         batch = limits.max_running
         if self.grouping == "sjf":
-            rems = [s.rem for s in cand_s]
+            rems = [s[_REM] for s in cand_s]
             order = sorted(range(len(cand)), key=rems.__getitem__)
         else:
             order = sorted(range(len(cand)), key=cand_p.__getitem__, reverse=True)  # stable: ties keep order
             if self.grouping == "gmax":
-                order = gmax_order(order, cand_p, [s.rem for s in cand_s], batch, self.p)
+                order = gmax_order(order, cand_p, [s[_REM] for s in cand_s], batch, self.p)
         slo_ordered = [cand[i] for i in order]
         best_effort.sort(key=lambda r: (r.phase is not Phase.RUNNING, *arrival_key(r)))
 
@@ -372,18 +373,18 @@ class TempoPolicy(Policy):
     # ------------------------------------------------------- just enough
     def assess(self, r: RequestState, st: _Static, now: float, tau: float) -> Assessment:
         """Bandwidth figures of an admitted request (priority left 0: the ranking has been made)."""
-        if st.kind == _LATENCY:
-            owed = max(0.0, math.floor((now - st.first_due) / st.tbt) + 1 - r.generated) + 1.0
-            spare = st.due - now
+        kind, rem, prefill_left, _, _, due, tbt, need_a, _, after_a, after_b, first_due = st
+        if kind == _LATENCY:
+            owed = max(0.0, math.floor((now - first_due) / tbt) + 1 - r.generated) + 1.0
+            spare = due - now
             n = self.frame_steps
-            tau_need = min(spare, (spare + (n - 1) * st.tbt) / n) if spare > 0 else st.tbt
-            prefill_rate = st.prefill_left / max(tau, st.first_due - now) if r.generated == 0 else 0.0
-            return Assessment(r, 0.0, st.rem, 1.0 / st.tbt, owed, max(tau_need, 1e-6), prefill_rate)
-        left = st.due - now
-        stage_left = left - (st.after_a + tau * st.after_b) - (st.need_a - st.after_a)
-        rate = st.rem / stage_left if stage_left > tau else 1.0 / tau
-        prefill_rate = st.prefill_left / max(tau, stage_left - st.rem * tau) if st.prefill_left > 0 else 0.0
-        return Assessment(r, 0.0, st.rem, rate, 1.0, math.inf, prefill_rate)
+            tau_need = min(spare, (spare + (n - 1) * tbt) / n) if spare > 0 else tbt
+            prefill_rate = prefill_left / max(tau, first_due - now) if r.generated == 0 else 0.0
+            return Assessment(r, 0.0, rem, 1.0 / tbt, owed, max(tau_need, 1e-6), prefill_rate)
+        stage_left = due - now - (after_a + tau * after_b) - (need_a - after_a)
+        rate = rem / stage_left if stage_left > tau else 1.0 / tau
+        prefill_rate = prefill_left / max(tau, stage_left - rem * tau) if prefill_left > 0 else 0.0
+        return Assessment(r, 0.0, rem, rate, 1.0, math.inf, prefill_rate)
 
     def _frame_plan(
         self, admitted: list[tuple[RequestState, _Static]], now: float, tau: float
@@ -396,23 +397,23 @@ class TempoPolicy(Policy):
         n = self.frame_steps
         for r, st in admitted:
             g = r.generated
-            if st.kind == _LATENCY:
-                tbt = st.tbt
-                owed = (now - st.first_due) / tbt + 1 - g
+            kind, rem, prefill_left, _, _, due, tbt, need_a, _, after_a, after_b, first_due = st
+            if kind == _LATENCY:
+                owed = (now - first_due) / tbt + 1 - g
                 paces.append(Pace(r.request_id, 1.0 / tbt, (math.floor(owed) if owed > 0 else 0) + 1.0))
                 if g == 0:
-                    prefill_rate += st.prefill_left / max(tau, st.first_due - now)
-                elif st.prefill_left == 0 and r.phase is Phase.RUNNING:
-                    spare = st.due - now
+                    prefill_rate += prefill_left / max(tau, first_due - now)
+                elif prefill_left == 0 and r.phase is Phase.RUNNING:
+                    spare = due - now
                     need = min(spare, (spare + (n - 1) * tbt) / n) if spare > 0 else tbt
                     if need < tau_target:
                         tau_target = need
                 continue
-            stage_left = st.due - now - (st.after_a + tau * st.after_b) - (st.need_a - st.after_a)
-            rate = st.rem / stage_left if stage_left > tau else 1.0 / tau
+            stage_left = due - now - (after_a + tau * after_b) - (need_a - after_a)
+            rate = rem / stage_left if stage_left > tau else 1.0 / tau
             paces.append(Pace(r.request_id, rate, 1.0))
-            if st.prefill_left > 0:
-                prefill_rate += st.prefill_left / max(tau, stage_left - st.rem * tau)
+            if prefill_left > 0:
+                prefill_rate += prefill_left / max(tau, stage_left - rem * tau)
         return (tuple(paces) if self.pace else ()), max(tau_target, 1e-6), prefill_rate
 
     def _budget(

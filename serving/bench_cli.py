@@ -16,6 +16,7 @@ from tempo.serving.bench import (
     DEFAULT_POLICIES,
     DEFAULT_SATURATION_RPS,
     QUICK_DURATION_S,
+    QUICK_LOAD_FACTORS,
     BenchConfig,
     parse_floats,
     parse_policies,
@@ -59,7 +60,7 @@ def bench_command(
     rps: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated arrival rates. Default: 0.5x, 1.25x and 2x the FCFS saturation rate (default "
+            help="Comma-separated arrival rates. Default: 0.5x, 1.5x and 2x the FCFS saturation rate (default "
             "profile: the measured one; other profiles: measured first)."
         ),
     ] = None,
@@ -76,7 +77,16 @@ def bench_command(
     step_noise: Annotated[float, typer.Option(help="Relative std of step-time noise (0: deterministic).")] = 0.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a goodput-vs-rate plot (PNG) here.")] = None,
-    quick: Annotated[bool, typer.Option(help=f"A short run: {QUICK_DURATION_S:g} s workloads.")] = False,
+    prompt_split: Annotated[
+        str | None, typer.Option(help="Draw prompts from this CASTILLO hash split (test: unseen by length models).")
+    ] = None,
+    training_size: Annotated[
+        int, typer.Option(help="Arrivals in the training set the empirical bounds are fitted on.")
+    ] = 6000,
+    quick: Annotated[
+        bool,
+        typer.Option(help=f"A short run: {QUICK_DURATION_S:g} s workloads at the two overloaded default rates."),
+    ] = False,
     find_capacity: Annotated[
         bool, typer.Option("--find-capacity", help="Only measure the FCFS saturation rate of the profile.")
     ] = False,
@@ -108,7 +118,8 @@ def bench_command(
         quantile=quantile,
         decode_weight=decode_weight,
         step_noise=step_noise,
-        training_size=2000 if quick else 6000,
+        training_size=min(training_size, 2000) if quick else training_size,
+        prompt_split=prompt_split,
     )
     if find_capacity:
         from tempo.serving.bench import find_capacity as measure
@@ -138,9 +149,10 @@ def bench_command(
 
             console.print("measuring the FCFS saturation rate of this setting first ...")
             saturation = measure(config)["saturation_rps"]
-        config.rps = [round(f * saturation, 3) for f in DEFAULT_LOAD_FACTORS]
+        factors = QUICK_LOAD_FACTORS if quick else DEFAULT_LOAD_FACTORS
+        config.rps = [round(f * saturation, 3) for f in factors]
         console.print(
-            f"rates {config.rps} arrivals/s = {', '.join(f'{f:g}x' for f in DEFAULT_LOAD_FACTORS)} the FCFS "
+            f"rates {config.rps} arrivals/s = {', '.join(f'{f:g}x' for f in factors)} the FCFS "
             f"saturation rate {saturation:g}"
         )
 
@@ -182,7 +194,7 @@ def bench_command(
 
 
 def _cost(policies: str, queued: str, profile: str, seed: int, json_out: Path | None, console: Console) -> None:
-    from tempo.serving.bench_cost import COST_POLICIES, scheduler_cost
+    from tempo.serving.bench_cost import COST_POLICIES, reference_loop_ms, scheduler_cost
 
     names = [s.name for s in parse_policies(policies)] if policies != ",".join(DEFAULT_POLICIES) else list(
         COST_POLICIES
@@ -190,16 +202,19 @@ def _cost(policies: str, queued: str, profile: str, seed: int, json_out: Path | 
     sizes = [int(v) for v in parse_floats(queued, "--queued")]
     rows = scheduler_cost(names, sizes, profile, seed)
     table = Table(title=f"decision time (ms), {rows[0].running if rows else 0} running + queued", title_justify="left")
-    for column in ("policy", *(f"{n:,} queued p50/p99" for n in sizes)):
+    for column in ("policy", *(f"{n:,} queued p50 / p99 (cold)" for n in sizes)):
         table.add_column(column, justify="left" if column == "policy" else "right")
     for name in dict.fromkeys(r.policy for r in rows):
         cells = []
         for n in sizes:
             row = next(r for r in rows if r.policy == name and r.queued == n)
-            cells.append(f"{row.p50_ms:.2f} / {row.p99_ms:.2f}")
+            cells.append(f"{row.p50_ms:.2f} / {row.p99_ms:.2f} ({row.cold_ms:.1f})")
         table.add_row(name, *cells)
     console.print(table)
+    reference = reference_loop_ms()
+    console.print(f"(machine yardstick: a 1M-iteration Python loop takes {reference:.0f} ms here)")
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps([r.__dict__ for r in rows], indent=1) + "\n", encoding="utf-8")
+        payload = {"reference_loop_ms": reference, "rows": [r.__dict__ for r in rows]}
+        json_out.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
         console.print(f"wrote {json_out}")

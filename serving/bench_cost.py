@@ -73,6 +73,15 @@ def _states(
     return [*resident_states, *waiting]
 
 
+def reference_loop_ms(n: int = 1_000_000) -> float:
+    """Milliseconds of a fixed pure-Python loop: a yardstick to compare decision times across machines."""
+    t0 = time.perf_counter()
+    total = 0
+    for i in range(n):
+        total += i
+    return (time.perf_counter() - t0) * 1e3
+
+
 def scheduler_cost(
     policies: Sequence[str] = COST_POLICIES,
     queued: Sequence[int] = DEFAULT_QUEUED,
@@ -80,7 +89,7 @@ def scheduler_cost(
     seed: int = 0,
     repeats: int | None = None,
 ) -> list[CostRow]:
-    config = BenchConfig(policies=[], duration_s=300.0, seed=seed)
+    config = BenchConfig(policies=[], duration_s=300.0, seed=seed, training_size=2000)
     if profile_name:
         config.profile = profile_name
     profile = load_profile(config.profile)
