@@ -4,6 +4,7 @@ on held-back measurements, and give step times that grow with the work in the st
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import pytest
 from tempo.serving.engine_profile import PROFILES_DIR, Profile, load_profile, profile_names
@@ -48,7 +49,7 @@ def test_step_time_grows_with_work(name: str) -> None:
     # in the measurements, and the fit keeps that), but never by much
     values = [p.linear_time(n) for n in range(1, p.engine.token_budget + p.engine.max_running, 7)]
     assert values[-1] > 5 * values[0]
-    assert all(b >= a * 0.8 for a, b in zip(values, values[1:], strict=False))
+    assert all(b >= a * 0.8 for a, b in pairwise(values))
 
 
 def test_kv_capacity_follows_memory_minus_weights() -> None:
