@@ -69,9 +69,10 @@ def completion_records(model: str, split: str = "test", n: int = 1000, seed: int
 
 
 def small_artifact(model: str = DEFAULT_MODEL, n_rows: int = 1500, n_estimators: int = 30,
-                   cache: Path = CACHE) -> Path:
-    """A small calibrated artifact for ``model`` (cached); returns its directory."""
-    key = hashlib.sha256(json.dumps([model, n_rows, n_estimators, "v1"]).encode()).hexdigest()[:12]
+                   cache: Path = CACHE, apps: tuple[str, ...] | None = None) -> Path:
+    """A small calibrated artifact for ``model`` (cached; ``apps``: train on these source apps only)."""
+    key_parts: list[object] = [model, n_rows, n_estimators, "v1"] + ([sorted(apps)] if apps else [])
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:12]
     directory = cache / f"artifact-{key}"
     try:
         verify_artifact(directory)
@@ -79,6 +80,8 @@ def small_artifact(model: str = DEFAULT_MODEL, n_rows: int = 1500, n_estimators:
     except ArtifactError:
         shutil.rmtree(directory, ignore_errors=True)
     splits = rows_for(model)
+    if apps:
+        splits = {name: [r for r in rows if r.dataset in apps] for name, rows in splits.items()}
     texts = prompts()
     fit = samples_from_rows(splits["fit"][:n_rows], texts)
     cal = samples_from_rows(splits["calibration"][: max(n_rows // 3, 300)], texts)

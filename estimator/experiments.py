@@ -7,8 +7,9 @@ it before the learner sees it (the service's exact path: ``Estimator.estimate`` 
 completions until the rolling coverage is back within ``tol`` of the target, with and without the
 adaptive calibration; then (with a Store) a retrain on the new completions and its validation figures.
 
-``unseen``: requests of a served model the batch model never saw: batch model (+ calibration) versus the
-River model (+ calibration): what the River model adds.
+``unseen``: requests of a served model the batch model never saw; ``unseen_apps``: chat requests to a
+batch model trained on code apps only. Each compares the batch model alone, with adaptive calibration,
+and the River model with calibration: what each part adds.
 
 ``python -m tempo.estimator.experiments [--redis-url URL] [--json OUT]`` prints both.
 """
@@ -132,6 +133,25 @@ def unseen(n: int = 3000, warmup: int = 500, seed: int = 0, n_estimators: int = 
     return out
 
 
+CODE_APPS = ("Apps", "BigCodeBench", "DS1000", "Mbpp")
+
+
+def unseen_apps(n: int = 3000, warmup: int = 500, seed: int = 0, n_estimators: int = 30) -> dict[str, Any]:
+    """Chat requests (Alpaca, Dolly, ShareGPT) to a batch model trained on code apps only."""
+    served = ServedModel.load(small_artifact(DEFAULT_MODEL, n_estimators=n_estimators, apps=CODE_APPS))
+    records = [r for r in completion_records(DEFAULT_MODEL, "test", 3 * n, seed + 3, "chat", with_prompt=False)
+               if r["app"] not in CODE_APPS][:n]
+    obs = _observations(records, served)
+    out: dict[str, Any] = {"batch_trained_on": list(CODE_APPS), "n": len(obs), "measured_after": warmup}
+    for name, cal, river in (("batch_only", False, False), ("batch+calibration", True, False),
+                             ("river+calibration", True, True)):
+        learner = OnlineLengthLearner(quantile=0.9, calibrate=cal, use_river=river)
+        covered, bounds, lengths = serve_stream(obs, learner, batch_knows=False)  # no chat app was seen
+        out[name] = {"coverage": round(float(covered[warmup:].mean()), 4),
+                     "reserved_per_used": reserved_per_used(bounds[warmup:], lengths[warmup:])}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--redis-url", help="run the retrain step against this Redis (it writes the stream)")
@@ -152,6 +172,7 @@ def main() -> None:
     else:
         result["drift"] = drift()
     result["unseen"] = unseen()
+    result["unseen_apps"] = unseen_apps()
     text = json.dumps(result, indent=2)
     if args.json:
         args.json.write_text(text)
