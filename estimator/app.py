@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Request, R
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from tempo.estimator.engine import Estimator, FallbackBounds, ServedModel
+from tempo.estimator.engine import Estimator, FallbackBounds, ServedModel, pack_sketch, unpack_sketch
 from tempo.estimator.metrics import Message, Metrics, MetricsMiddleware, Scope
 from tempo.estimator.schemas import (
     ActivateResponse,
@@ -154,7 +154,13 @@ def record_completion(body: CompletionRecord, store: StoreDep, estimator: Estima
     silently: the caller keeps the record and retries)."""
     record: dict[str, Any] = body.model_dump(exclude_none=True)
     if body.sketch is None:
-        record["sketch"] = estimator.sketch(body.prompt).to_dict()
+        sketch = estimator.sketch(body.prompt)
+    else:
+        try:
+            sketch = unpack_sketch(record["sketch"], estimator.hash_spec)
+        except ValueError as exc:
+            raise HTTPException(422, f"invalid sketch: {exc}") from None
+    record["sketch"] = pack_sketch(sketch, estimator.hash_spec)
     if not settings.store_prompt_text:
         record.pop("prompt", None)
     try:
@@ -199,12 +205,15 @@ def retrain_models(request: Request, settings: SettingsDep, store: StoreDep,
             raise HTTPException(status.HTTP_409_CONFLICT, "a retraining job is already running")
 
         def run() -> None:
+            job_store = Store(settings.redis_url, settings.key_prefix, settings.stream, timeout_s=10.0)
             try:
-                retrain(store, settings, since=body.since, min_samples=body.min_samples)
+                retrain(job_store, settings, since=body.since, min_samples=body.min_samples)
             except (TempoError, *REDIS_ERRORS) as exc:
                 log.warning("retraining did not run: %s", exc)
             except Exception:
                 log.exception("retraining failed")
+            finally:
+                job_store.close()
 
         state.retrain_thread = threading.Thread(target=run, name="tempo-retrain", daemon=True)
         state.retrain_thread.start()

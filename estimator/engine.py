@@ -7,6 +7,7 @@ it started with, none is dropped.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import threading
@@ -115,6 +116,27 @@ def safe_sketch(text: str | None, spec: FeatureSpec) -> PromptSketch:
     except ValueError:
         text = text or ""
         return PromptSketch(np.zeros(0, dtype=np.int64), np.zeros(0), len(text), len(text.split()), text.count("\n"))
+
+
+def pack_sketch(sketch: PromptSketch, spec: FeatureSpec) -> dict[str, Any]:
+    """Compact JSON form for the stream: indices as base64 uint16, weights as base64 float16 (~4 bytes per
+    n-gram instead of ~13 as JSON lists; the weights only feed a projection)."""
+    if spec.n_hash > 1 << 16:
+        return dict(sketch.to_dict())
+    return {"idx": base64.b64encode(sketch.indices.astype("<u2").tobytes()).decode(),
+            "w": base64.b64encode(sketch.weights.astype("<f2").tobytes()).decode(),
+            "n_chars": sketch.n_chars, "n_words": sketch.n_words, "n_newlines": sketch.n_newlines}
+
+
+def unpack_sketch(data: dict[str, Any], spec: FeatureSpec) -> PromptSketch:
+    """A sketch from a record, packed or as lists; ValueError / KeyError / TypeError when malformed."""
+    if "idx" in data:
+        data = {**data, "indices": np.frombuffer(base64.b64decode(data["idx"], validate=True), dtype="<u2"),
+                "weights": np.frombuffer(base64.b64decode(data["w"], validate=True), dtype="<f2")}
+    sketch = PromptSketch.from_dict(data, spec)
+    if not np.all(np.isfinite(sketch.weights)):
+        raise ValueError("sketch weights must be finite")
+    return sketch
 
 
 def estimate_prompt_tokens(request: EstimateRequest) -> int:
@@ -270,32 +292,53 @@ class Estimator:
         return None
 
     # -- learning --------------------------------------------------------------------------------
+    def parse(self, record: dict[str, Any]) -> Observation | None:
+        """A completion record as an observation; None when it is malformed (it is then skipped)."""
+        try:
+            data, prompt = record.get("sketch"), record.get("prompt")
+            if isinstance(data, dict):
+                sketch = unpack_sketch(data, self.hash_spec)
+            elif isinstance(prompt, str | None):
+                sketch = self.sketch(prompt)
+            else:
+                return None
+            app, model = record.get("app"), record.get("model")
+            if not (isinstance(app, str | None) and isinstance(model, str | None)
+                    and isinstance(record["slo_class"], str)):
+                return None
+            info = RequestInfo(int(record["prompt_tokens"]), app, model, record["slo_class"], sketch=sketch)
+            length = float(record["output_tokens"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return Observation(info, sketch, length, None) if length >= 1 and info.prompt_tokens >= 0 else None
+
     def observations(self, records: Sequence[dict[str, Any]]) -> list[Observation]:
-        """Parse completion records and attach the served batch model's raw B0 (one batched call)."""
+        """Observations of well-formed records, with the served batch model's raw B0 (one batched call)."""
         served = self.served
-        obs: list[Observation] = []
-        for record in records:
-            sketch = (PromptSketch.from_dict(record["sketch"], self.hash_spec) if record.get("sketch")
-                      else self.sketch(record.get("prompt")))
-            info = RequestInfo(int(record["prompt_tokens"]), record.get("app"), record.get("model"),
-                               record["slo_class"], sketch=sketch)
-            obs.append(Observation(info, sketch, float(record["output_tokens"]), None))
+        obs = [o for o in map(self.parse, records) if o is not None]
         if served is not None and obs:
             b0 = served.model.predict_bound([o.request for o in obs])
             for o, b in zip(obs, b0, strict=True):
                 o.batch_bound = float(b)
         return obs
 
-    def apply(self, records: Sequence[dict[str, Any]]) -> list[tuple[str, str, float, float]]:
-        """Learn from completion records; returns (model, class, coverage, overestimation) updates."""
-        observations = self.observations(records)
+    def apply(self, records: Sequence[dict[str, Any]]) -> tuple[int, list[tuple[str, str, float, float]]]:
+        """Learn from completion records (malformed ones skipped); returns (applied, coverage updates)."""
+        parsed = [(r, o) for r, o in zip(records, map(self.parse, records), strict=True) if o is not None]
+        served = self.served
+        if served is not None and parsed:
+            b0 = served.model.predict_bound([o.request for _, o in parsed])
+            for (_, o), b in zip(parsed, b0, strict=True):
+                o.batch_bound = float(b)
         updates = []
         with self.lock:
-            for record, o in zip(records, observations, strict=True):
+            for record, o in parsed:
                 self.learner.learn_one(o)
-                length = int(record["output_tokens"])
-                self.fallback.observe(record["slo_class"], length)
-                if record.get("bound"):
-                    key = self.coverage.observe(record.get("model"), record["slo_class"], int(record["bound"]), length)
+                length = int(o.length)
+                slo_class = o.request.slo_class or "latency"
+                self.fallback.observe(slo_class, length)
+                bound = record.get("bound")
+                if isinstance(bound, int) and bound >= 1:
+                    key = self.coverage.observe(o.request.model, slo_class, bound, length)
                     updates.append((*key, *self.coverage.summary(key)))
-        return updates
+        return len(parsed), updates

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tempo.estimator.engine import ServedModel, manifest_digest
+from tempo.estimator.engine import ServedModel, manifest_digest, unpack_sketch
 from tempo.estimator.settings import Settings
 from tempo.estimator.store import RETRAIN_GROUP, Store
 from tempo.models.artifact import save_artifact
-from tempo.models.features import FeatureSpec, PromptSketch, RequestInfo
+from tempo.models.features import FeatureSpec, RequestInfo
 from tempo.models.length_bounds import LengthBoundModel, LengthSamples
 
 from tempo.errors import TempoError
@@ -58,10 +58,11 @@ def samples_from_records(records: list[dict[str, Any]], spec: FeatureSpec,
     groups: dict[str, dict[str, Any]] = {s: {"requests": [], "index": [], "lengths": [], "keys": {}} for s in SLICES}
     for record in records:
         sketch_data = record.get("sketch")
-        if not sketch_data:
+        if not isinstance(sketch_data, dict) or not isinstance(record.get("slo_class"), str):
             continue
         try:
-            sketch = PromptSketch.from_dict(sketch_data, spec)
+            sketch = unpack_sketch(sketch_data, spec)
+            int(record["prompt_tokens"])
         except (KeyError, TypeError, ValueError):
             continue
         prompt_key = hashlib.sha256(np.asarray(sketch.indices, dtype=np.int64).tobytes()

@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(default=0.5, gt=0)  # socket timeout: a dead Redis must not stall a request
     key_prefix: str = "tempo"
     stream: str = "tempo:completions"
-    stream_maxlen: int = Field(default=1_000_000, ge=1000)  # approximate trim of the completion stream
+    stream_maxlen: int = Field(default=200_000, ge=1000)  # approximate trim of the stream (~5 KB a record)
     dedupe_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)  # a request id is recorded once within this window
     store_prompt_text: bool = False  # completion records keep the hashed sketch; the text only when True
     artifacts_dir: Path = Path("artifacts")

@@ -78,7 +78,7 @@ class Store:
     """Thin, synchronous access to everything the estimator keeps in Redis (short socket timeouts)."""
 
     def __init__(self, url: str, prefix: str = "tempo", stream: str = "tempo:completions",
-                 timeout_s: float = 0.5, stream_maxlen: int = 1_000_000, dedupe_ttl_s: int = 7 * 24 * 3600) -> None:
+                 timeout_s: float = 0.5, stream_maxlen: int = 200_000, dedupe_ttl_s: int = 7 * 24 * 3600) -> None:
         self.redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                           health_check_interval=5)
         self.prefix = prefix
@@ -159,7 +159,7 @@ class Store:
         return value if isinstance(value, dict) else None
 
     def range(self, start: str = "-", end: str = "+", count: int | None = None,
-              page: int = 5000) -> list[tuple[str, dict[str, Any] | None]]:
+              page: int = 1000) -> list[tuple[str, dict[str, Any] | None]]:
         """Entries from ``start`` (inclusive) to ``end``, read in pages."""
         out: list[tuple[str, dict[str, Any] | None]] = []
         cursor = start

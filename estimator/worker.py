@@ -115,10 +115,11 @@ class OnlineWorker:
             self._apply_records(fresh)
 
     def _apply_records(self, records: list[dict[str, Any]]) -> None:
-        updates = self.estimator.apply(records)
-        self.applied += len(records)
+        applied, updates = self.estimator.apply(records)
+        self.applied += applied
+        self.dropped += len(records) - applied
         if self.on_applied is not None:
-            self.on_applied(updates, len(records))
+            self.on_applied(updates, applied)
 
 
 def _valid(record: dict[str, Any]) -> bool:

@@ -4,6 +4,7 @@ completion applied exactly once in effect, none lost)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -94,3 +95,30 @@ def test_malformed_stream_entries_are_acknowledged_not_applied(redis_client: red
     worker.commit()
     assert worker.dropped == 2 and worker.estimator.learner.n_applied_ == 1
     assert store.pending_count(ONLINE_GROUP) == 0
+
+
+def test_records_with_bad_fields_are_skipped_not_retried_forever(redis_client: redis.Redis, redis_url: str) -> None:
+    good = next(completion_records(DEFAULT_MODEL, n=1, with_prompt=False))
+    bad = [{**good, "sketch": {"idx": "!!notbase64", "w": "", "n_chars": 1, "n_words": 1, "n_newlines": 0}},
+           {**good, "prompt_tokens": "many"}, {**good, "app": 7}, {**good, "prompt": 5, "sketch": None},
+           {**good, "sketch": {"indices": [1 << 20], "weights": [1.0], "n_chars": 1, "n_words": 1, "n_newlines": 0}}]
+    for record in [*bad, good]:
+        redis_client.xadd("tempo:completions", {"data": json.dumps(record)})
+    store = Store(redis_url)
+    worker = OnlineWorker(store, Estimator(0.9), Settings(redis_url=redis_url, worker_block_ms=10))
+    worker.run_once()
+    worker.commit()
+    assert worker.estimator.learner.n_applied_ == 1 and worker.dropped == len(bad)
+    assert store.pending_count(ONLINE_GROUP) == 0
+
+
+def test_stream_records_are_compact(redis_client: redis.Redis, redis_url: str) -> None:
+    from tempo.estimator.engine import pack_sketch, unpack_sketch
+    from tempo.models.features import FeatureSpec, PromptSketch
+
+    spec = FeatureSpec()
+    sketch = PromptSketch.of("def add(a, b):\n    return a + b  # a small prompt " * 20, spec)
+    packed = pack_sketch(sketch, spec)
+    assert len(json.dumps(packed)) < len(json.dumps(sketch.to_dict())) / 2
+    back = unpack_sketch(json.loads(json.dumps(packed)), spec)
+    assert (back.indices == sketch.indices).all() and abs(back.weights - sketch.weights).max() < 1e-3
