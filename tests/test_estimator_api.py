@@ -174,3 +174,9 @@ def test_redis_outage_estimates_from_memory_and_worker_resumes(tmp_path: Path, a
             assert "tempo_estimator_redis_up 1.0" in c.get("/metrics").text
     finally:
         server.stop()
+
+
+def test_retrain_endpoint_runs_a_job_and_reports_it(client: TestClient) -> None:
+    assert client.post("/v1/models:retrain", headers=ADMIN, json={"min_samples": 10_000}).status_code == 202
+    wait_for(lambda: (client.get("/v1/models").json().get("last_retrain") or {}).get("status") == "skipped")
+    assert client.post("/v1/models:retrain", headers=ADMIN, json={"since": "abc"}).status_code == 422

@@ -99,3 +99,19 @@ def test_rollback_without_history_is_a_user_error(redis_client: redis.Redis, red
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["estimator", "rollback", "--redis-url", redis_url]) == 2
     assert "no earlier version" in capsys.readouterr().err
+
+
+def test_periodic_retrain_loops_until_stopped(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    import threading
+
+    from tempo.estimator.retrain import periodic
+
+    stop = threading.Event()
+    thread = threading.Thread(target=periodic, args=(Store(redis_url), Settings(redis_url=redis_url,
+                              artifacts_dir=tmp_path / "a"), 0.05, 10_000, None, stop))
+    thread.start()
+    time.sleep(0.5)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert Store(redis_url).get_json("retrain:last")["status"] == "skipped"  # type: ignore[index]
