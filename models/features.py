@@ -102,17 +102,15 @@ class PromptSketch:
 
 def sketch_all(requests: Sequence[RequestInfo], spec: FeatureSpec) -> list[PromptSketch]:
     """Sketches of many requests, each distinct prompt text hashed once (rows often share prompts)."""
+    texts = list(dict.fromkeys(r.prompt or "" for r in requests if r.sketch is None))
     cache: dict[str, PromptSketch] = {}
-    out = []
-    for r in requests:
-        if r.sketch is not None:
-            out.append(r.sketch)
-            continue
-        text = r.prompt or ""
-        if text not in cache:
-            cache[text] = PromptSketch.of(text, spec)
-        out.append(cache[text])
-    return out
+    if texts:
+        matrix = hashed_batch(texts, spec)
+        for i, text in enumerate(texts):
+            lo, hi = matrix.indptr[i], matrix.indptr[i + 1]
+            cache[text] = PromptSketch(matrix.indices[lo:hi].astype(np.int64), matrix.data[lo:hi], len(text),
+                                       len(text.split()), text.count("\n"))
+    return [r.sketch if r.sketch is not None else cache[r.prompt or ""] for r in requests]
 
 
 @dataclass(frozen=True)
@@ -147,38 +145,68 @@ def _prefix_hashes(data: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint64]
     return prefix, powers
 
 
-def hashed_ngrams(text: str, spec: FeatureSpec) -> tuple[npt.NDArray[np.int64], FloatArray]:
-    """(indices, weights) of the prompt's hashed n-grams: log1p counts, L2-normalised.
+def _ngram_counts(texts: Sequence[str], spec: FeatureSpec) -> tuple[npt.NDArray[np.int64], ...]:
+    """(row, bucket, count) of the hashed n-grams of many texts, sorted by row then bucket.
 
-    Character n-grams over the UTF-8 bytes, and word n-grams where a word is a run of ASCII letters,
-    digits, '_' or non-ASCII bytes; the hash of any span comes from one prefix-hash array.
+    The texts are hashed in one pass over their UTF-8 bytes joined by NUL: character n-grams that would
+    span a NUL and word n-grams that would span two texts are dropped, so each text gets exactly the
+    n-grams it has alone. Words are runs of ASCII letters, digits, '_' or non-ASCII bytes.
     """
-    head = text[: spec.max_chars].lower().encode("utf-8")
-    if not head:
-        return np.zeros(0, dtype=np.int64), np.zeros(0)
-    data = np.frombuffer(head, dtype=np.uint8)
+    heads = [t[: spec.max_chars].lower().encode("utf-8") for t in texts]
+    lengths = np.array([len(h) for h in heads], dtype=np.int64)
+    data = np.frombuffer(b"\x00".join(heads), dtype=np.uint8)
+    if len(data) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    row_of_byte = np.repeat(np.arange(len(heads)), lengths + 1)[: len(data)]
+    is_sep = data == 0
+    seps_before = np.concatenate([[0], np.cumsum(is_sep)])
     prefix, powers = _prefix_hashes(data.astype(np.uint64))
 
     def span_hash(starts: npt.NDArray[np.int64], ends: npt.NDArray[np.int64], tag: int) -> npt.NDArray[np.uint64]:
         h = prefix[ends] - prefix[starts] * powers[ends - starts]
         return (h + np.uint64(tag)) * _MIX
 
-    parts: list[npt.NDArray[np.uint64]] = []
+    hashes: list[npt.NDArray[np.uint64]] = []
+    rows: list[npt.NDArray[np.int64]] = []
     for n in spec.char_ngrams:
-        if len(data) >= n:
-            starts = np.arange(len(data) - n + 1)
-            parts.append(span_hash(starts, starts + n, n))
-    is_word = _WORD_BYTE[data]
-    edges = np.diff(np.concatenate([[False], is_word, [False]]).astype(np.int8))
+        starts = np.arange(max(len(data) - n + 1, 0))
+        starts = starts[seps_before[starts + n] == seps_before[starts]]
+        hashes.append(span_hash(starts, starts + n, n))
+        rows.append(row_of_byte[starts])
+    edges = np.diff(np.concatenate([[False], _WORD_BYTE[data], [False]]).astype(np.int8))
     word_starts, word_ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     for n in spec.word_ngrams:
-        if len(word_starts) >= n:
-            parts.append(span_hash(word_starts[: len(word_starts) - n + 1], word_ends[n - 1 :], 100 + n))
-    buckets = np.sort(((np.concatenate(parts) >> np.uint64(32)) & np.uint64(spec.n_hash - 1)).astype(np.int64))
-    starts = np.flatnonzero(np.concatenate(([True], buckets[1:] != buckets[:-1])))
-    index = buckets[starts]
-    weights = np.log1p(np.diff(np.append(starts, len(buckets))).astype(np.float64))
-    return index, weights / np.linalg.norm(weights)
+        first, last = word_starts[: max(len(word_starts) - n + 1, 0)], word_ends[n - 1 :]
+        same_text = row_of_byte[first] == row_of_byte[last - 1]
+        hashes.append(span_hash(first[same_text], last[same_text], 100 + n))
+        rows.append(row_of_byte[first[same_text]])
+    buckets = ((np.concatenate(hashes) >> np.uint64(32)) & np.uint64(spec.n_hash - 1)).astype(np.int64)
+    keys = np.concatenate(rows) * spec.n_hash + buckets
+    if len(texts) * spec.n_hash <= 1 << 20:  # counting beats sorting while the key space is small
+        all_counts = np.bincount(keys, minlength=len(texts) * spec.n_hash)
+        present = np.flatnonzero(all_counts)
+        return present // spec.n_hash, present % spec.n_hash, all_counts[present]
+    keys = np.sort(keys)
+    firsts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    counts = np.diff(np.append(firsts, len(keys)))
+    return keys[firsts] // spec.n_hash, keys[firsts] % spec.n_hash, counts
+
+
+def hashed_batch(texts: Sequence[str], spec: FeatureSpec) -> sp.csr_matrix:
+    """Hashed n-grams of many texts as a sparse matrix: log1p counts, each row L2-normalised."""
+    rows, cols, counts = _ngram_counts(texts, spec)
+    weights = np.log1p(counts.astype(np.float64))
+    norms = np.sqrt(np.bincount(rows, weights * weights, minlength=len(texts)))
+    weights = weights / norms[rows] if len(rows) else weights
+    indptr = np.searchsorted(rows, np.arange(len(texts) + 1))
+    return sp.csr_matrix((weights, cols, indptr), shape=(len(texts), spec.n_hash))
+
+
+def hashed_ngrams(text: str, spec: FeatureSpec) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """(indices, weights) of one prompt's hashed n-grams (see ``hashed_batch``)."""
+    row = hashed_batch([text], spec)
+    return row.indices.astype(np.int64), row.data
 
 
 def hashed_matrix(sketches: Sequence[PromptSketch], spec: FeatureSpec) -> sp.csr_matrix:
