@@ -56,7 +56,7 @@ def _floor(test: LengthSamples, quantile: float) -> dict[str, Any]:
 
 
 def evaluate_target(split: Split, quantile: float, kinds: list[str], seed: int, n_estimators: int,
-                    baselines: bool, progress: Progress | None = None) -> dict[str, Any]:
+                    baselines: set[str], progress: Progress | None = None) -> dict[str, Any]:
     """Every method's metrics on one target (a served model, or all of them pooled)."""
     test = split.test
     apps = test.sample_apps
@@ -87,15 +87,17 @@ def evaluate_target(split: Split, quantile: float, kinds: list[str], seed: int, 
         if progress is not None:
             progress.console.print(f"  {escape(f'tempo[{kind}]')}: coverage {result['coverage']}, reserved/used "
                                    f"{result['reserved_per_used']}, train {train_s:.0f} s")
-    if baselines:
-        both = split.fit_and_calibration()
+    both = split.fit_and_calibration()
+    if "a" in baselines:
         out["baseline_a_dataset_quantile"] = bound_metrics(
             test.lengths, empirical_quantile_bounds(both, test, quantile), apps, quantile)
         if len({r.model for r in test.requests}) > 1:
             out["baseline_a_dataset_model_quantile"] = bound_metrics(
                 test.lengths, empirical_quantile_bounds(both, test, quantile, by_model=True), apps, quantile)
+    if "b" in baselines:
         out["baseline_b_prompt_length"] = bound_metrics(
             test.lengths, prompt_length_bounds(split.fit, split.calibration, test, quantile, seed), apps, quantile)
+    if "c" in baselines:
         paper = paper_style_model(seed=seed).fit(_cap(both, 120_000, seed))
         out["baseline_c_paper_qrf_q0.95"] = bound_metrics(
             test.lengths, paper.predict_bound(test.requests)[test.request_index], apps, 0.95)
@@ -103,7 +105,7 @@ def evaluate_target(split: Split, quantile: float, kinds: list[str], seed: int, 
             "single": latency_ms(paper.predict_bound, test.requests, 1, 100)}
     out["floor_oracle_median"] = _floor(test, quantile)
     main = out[f"tempo[{kinds[0]}]"]["reserved_per_used"]
-    if baselines:
+    if "a" in baselines:
         base = out["baseline_a_dataset_quantile"]["reserved_per_used"]
         floor = out["floor_oracle_median"]["reserved_per_used"]
         out["vs_baseline_a"] = round(1 - main / base, 4)
@@ -170,7 +172,10 @@ def eval_command(
     kinds: Annotated[
         str, typer.Option(help="Quantile model kinds to compare (lightgbm, hist_gb, qrf); the first is the main one.")
     ] = "lightgbm",
-    baselines: Annotated[bool, typer.Option(help="Evaluate the baselines (a), (b), (c) too.")] = True,
+    baselines: Annotated[
+        str, typer.Option(help="Baselines to evaluate: a (per-dataset quantile), b (prompt length only), c (the "
+                          "paper's forest); comma-separated, or 'none'.")
+    ] = "a,b,c",
     leave_one_model_out: Annotated[
         str | None, typer.Option(help="Held-out served model for the transfer test.")
     ] = None,
@@ -185,6 +190,9 @@ def eval_command(
     unknown = [k for k in kind_list if k not in MODEL_KINDS]
     if not kind_list or unknown:
         raise TempoError(f"--kinds: unknown {unknown} (known: {', '.join(MODEL_KINDS)})")
+    chosen_baselines = {b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none"}
+    if chosen_baselines - {"a", "b", "c"}:
+        raise TempoError(f"--baselines: expected a subset of a,b,c or 'none', got {baselines!r}")
     try:
         sizes = [int(n) for n in recalibrate_n.split(",") if n.strip()]
     except ValueError:
@@ -212,7 +220,7 @@ def eval_command(
             progress.update(task, description=f"evaluating {name}")
             progress.console.print(f"[bold]{name}[/]: {len(target_rows)} rows")
             report["results"][name] = evaluate_target(
-                _split(target_rows, texts), quantile, kind_list, seed, n_estimators, baselines, progress)
+                _split(target_rows, texts), quantile, kind_list, seed, n_estimators, chosen_baselines, progress)
             progress.advance(task)
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(report, indent=2))
