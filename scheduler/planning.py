@@ -106,12 +106,16 @@ def pack(
             if stop_at_blocked:
                 break
             continue
-        need = kv_need(request, block)
+        if request.phase is Phase.SWAPPED:
+            need = request.kv_blocks
+        else:  # kv_need, inlined: this loop can see tens of thousands of waiting requests
+            need = -(-(request.prompt_tokens + request.generated + 1) // block)
         if need > free and not refused:
             if pool is None:
-                rank = {r.request_id: i for i, r in enumerate(ordered)}
+                ranked = [(i, r) for i, r in enumerate(ordered) if r.phase is running]
+                rank = {r.request_id: i for i, r in ranked}
                 pool = [r for r in others if r.phase is running and r.request_id not in rank]
-                pool += [r for r in ordered if r.phase is running]
+                pool += [r for _, r in ranked]
             # choose victims tentatively (unwanted residents first, then the lowest-ranked resident while it
             # ranks below this request) and evict them only if together they make room
             front, back, gained = 0, len(pool) - 1, 0

@@ -59,6 +59,21 @@ from tempo.scheduler.registry import PolicyContext, register_policy
 from tempo.scheduler.slo import SLOClass
 
 GROUPINGS = ("gmax", "sjf", "priority")
+POOL_LIMIT = 8  # GMAX looks at most this many batches deep into the ranking (bounds its cost)
+
+
+def _laxity(st: _Static | None, now: float, tau: float) -> float:
+    """Seconds a request can still wait before it must run continuously to meet its SLO (best effort: inf)."""
+    if st is None or st[_KIND] == _BE:
+        return math.inf
+    if st[_KIND] == _LATENCY:
+        return st[_DUE] - now - tau
+    return st[_DUE] - now - (st[_NEED_A] + tau * st[_NEED_B])
+
+
+def _new_pace(fields: tuple[str, float, float]) -> Pace:
+    """``Pace(*fields)`` without the NamedTuple constructor's Python-level call (hundreds per decision)."""
+    return tuple.__new__(Pace, fields)
 _BE, _LATENCY, _DEADLINE, _COMPOUND = 0, 1, 2, 3
 
 
@@ -105,17 +120,19 @@ class Assessment(NamedTuple):
 def gmax_order(order: Sequence[int], priority: Sequence[float], length: Sequence[int], batch: int,
                p: float) -> list[int]:
     """GMAX over candidates ``order`` (indices, best priority first): among those whose priority is within
-    a factor ``p`` of the ``batch``-th best, the ``batch`` consecutive ones in length order with the largest
-    total priority, best first; then every other candidate in ``order``."""
+    a factor ``p`` of the ``batch``-th best (at most ``POOL_LIMIT`` x ``batch`` of them), the ``batch``
+    consecutive ones in length order with the largest total priority, best first; then every other
+    candidate in ``order``."""
     if len(order) <= batch:
         return list(order)
     threshold = priority[order[batch - 1]] / p
     end = batch
-    while end < len(order) and priority[order[end]] >= threshold:
+    limit = min(len(order), POOL_LIMIT * batch)
+    while end < limit and priority[order[end]] >= threshold:
         end += 1
     if end == batch:
         return list(order)
-    pool = sorted(order[:end], key=lambda i: (length[i], i))
+    pool = sorted(order[:end], key=length.__getitem__)  # stable: equal lengths keep priority order
     window = sum(priority[i] for i in pool[:batch])
     best, best_start = window, 0
     for start in range(1, len(pool) - batch + 1):
@@ -123,8 +140,8 @@ def gmax_order(order: Sequence[int], priority: Sequence[float], length: Sequence
         if window > best * (1 + 1e-12):
             best, best_start = window, start
     chosen = set(pool[best_start : best_start + batch])
-    first = [i for i in order if i in chosen]
-    return [*first, *(i for i in order if i not in chosen)]
+    first = [i for i in order[:end] if i in chosen]
+    return [*first, *(i for i in order[:end] if i not in chosen), *order[end:]]
 
 
 class TempoPolicy(Policy):
@@ -143,6 +160,7 @@ class TempoPolicy(Policy):
         share: int = 2,
         compute_density: bool = True,
         be_only_when_idle: bool = True,
+        serve_by_laxity: bool = False,
         job_profile: JobProfile | None = None,
         truth: OracleTruth | None = None,
     ) -> None:
@@ -162,6 +180,7 @@ class TempoPolicy(Policy):
         self.share = int(share)
         self.compute_density = bool(compute_density)
         self.be_only_when_idle = bool(be_only_when_idle)
+        self.serve_by_laxity = bool(serve_by_laxity)
         self.job_profile = job_profile or JobProfile()
         self.truth = truth
         self._cache: dict[int, tuple[RequestState, _Static]] = {}
@@ -180,6 +199,7 @@ class TempoPolicy(Policy):
             "share": self.share,
             "compute_density": self.compute_density,
             "be_only_when_idle": self.be_only_when_idle,
+            "serve_by_laxity": self.serve_by_laxity,
         }
 
     def describe(self) -> dict[str, object]:
@@ -352,16 +372,20 @@ class TempoPolicy(Policy):
 
         static_of_id = dict(zip(map(id, cand), cand_s, strict=True))
         admitted = [(r, st) for r in packing.run if (st := static_of_id.get(id(r))) is not None]
+        run: Sequence[RequestState] = packing.run
+        if self.serve_by_laxity:
+            # density chose who is admitted; among them, the least slack goes first (just in time)
+            run = sorted(packing.run, key=lambda r: _laxity(static_of_id.get(id(r)), now, tau))
         paces, tau_target, prefill_rate = self._frame_plan(admitted, now, tau)
         budget = None
         if self.budget_control:
-            budget = self._budget(tau_target, prefill_rate, packing.run, limits.token_budget, timing)
+            budget = self._budget(tau_target, prefill_rate, run, limits.token_budget, timing)
         mode_default = PreemptMode.SWAP if limits.swap_blocks_free > 0 and swap_s else PreemptMode.RECOMPUTE
         evictions = tuple(
             Preemption(v.request_id, cheaper_mode(v, limits, swap_s, s_pre)[0]) for v in packing.evict
         )
         return Decision(
-            run=tuple(r.request_id for r in packing.run),
+            run=tuple(r.request_id for r in run),
             pace=paces,
             preempt=evictions,
             reject=tuple(reject),
@@ -395,12 +419,13 @@ class TempoPolicy(Policy):
         tau_target = math.inf
         prefill_rate = 0.0
         n = self.frame_steps
+        new_pace = _new_pace
         for r, st in admitted:
             g = r.generated
             kind, rem, prefill_left, _, _, due, tbt, need_a, _, after_a, after_b, first_due = st
             if kind == _LATENCY:
                 owed = (now - first_due) / tbt + 1 - g
-                paces.append(Pace(r.request_id, 1.0 / tbt, (math.floor(owed) if owed > 0 else 0) + 1.0))
+                paces.append(new_pace((r.request_id, 1.0 / tbt, (math.floor(owed) if owed > 0 else 0) + 1.0)))
                 if g == 0:
                     prefill_rate += prefill_left / max(tau, first_due - now)
                 elif prefill_left == 0 and r.phase is Phase.RUNNING:
@@ -411,7 +436,7 @@ class TempoPolicy(Policy):
                 continue
             stage_left = due - now - (after_a + tau * after_b) - (need_a - after_a)
             rate = rem / stage_left if stage_left > tau else 1.0 / tau
-            paces.append(Pace(r.request_id, rate, 1.0))
+            paces.append(new_pace((r.request_id, rate, 1.0)))
             if prefill_left > 0:
                 prefill_rate += prefill_left / max(tau, stage_left - rem * tau)
         return (tuple(paces) if self.pace else ()), max(tau_target, 1e-6), prefill_rate
@@ -451,7 +476,7 @@ def _parse_params(params: dict[str, Any]) -> dict[str, Any]:
     for key in ("p", "min_success"):
         if key in out:
             out[key] = float(out[key])
-    for key in ("pace", "budget_control", "compute_density", "be_only_when_idle"):
+    for key in ("pace", "budget_control", "compute_density", "be_only_when_idle", "serve_by_laxity"):
         if key in out and isinstance(out[key], str):
             out[key] = out[key].strip().lower() in ("1", "true", "yes", "on")
     return out

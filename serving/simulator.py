@@ -319,10 +319,11 @@ class Simulator:
             info = None
             if job is not None:
                 info = JobInfo(job.job_id, r.stage, job.arrival_s, job.stage_calls[r.stage], job.done_tokens)
-            state = r.state = RequestState(
+            # RequestState(...) field by field, without the NamedTuple constructor's Python-level call
+            state = r.state = tuple.__new__(RequestState, (
                 r.id, r.slo, r.arrival_s, r.prompt, r.ladder, r.phase, r.generated, r.computed, r.blocks,
                 r.app, r.first_s, per_token, 0, r.max_tokens, info, r.demoted, r.preemptions,
-            )
+            ))
         return state
 
     def _snapshot(self) -> Snapshot:

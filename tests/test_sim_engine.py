@@ -123,3 +123,24 @@ def test_a_policy_that_never_schedules_is_caught() -> None:
                     Idle(), small_profile())
     with pytest.raises(PolicyError, match="schedules none"):
         sim.run()
+
+
+def test_snapshot_states_match_their_fields() -> None:
+    """The engine builds RequestState positionally for speed: it must agree with the named fields."""
+    from tempo.scheduler.bounds import BoundLadder
+    from tempo.scheduler.interface import RequestState
+    from tempo.scheduler.registry import make_policy
+
+    workload = [make_request("j.0.0", "compound", prompt_tokens=40, output_tokens=5, job_id="j", stage=0)]
+    sim = Simulator(workload, {"j.0.0": BoundLadder.fixed(9)}, make_policy("fcfs"), small_profile())
+    sim.run()
+    req = sim.requests[0]
+    req.state = None
+    state = sim._state(req)
+    named = RequestState(
+        request_id="j.0.0", slo=req.slo, arrival_s=0.0, prompt_tokens=40, ladder=BoundLadder.fixed(9),
+        phase=req.phase, generated=5, computed_tokens=44, kv_blocks=0, app="test", first_token_s=req.first_s,
+        per_token_s=(req.times[-1] - req.first_s) / 4, priority=0, max_tokens=None, job=state.job, demoted=False,
+        preemptions=0,
+    )
+    assert state == named and state.job is not None and state.job.job_id == "j" and state.job.done_tokens == 45
