@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -242,10 +242,11 @@ class Simulator:
         self.dirty = True
         self.now = 0.0
         self.busy = False
-        self._heap: list[tuple[float, int, int, int]] = []
+        self._heap: list[tuple[float, int, int]] = []  # (time, kind rank, sequence)
         self._seq = 0
         self._next_arrival = 0
-        self._recent: list[float] = []
+        self._recent: deque[float] = deque(maxlen=RECENT_STEPS)
+        self._pending_swap = 0  # blocks moved over PCIe in the step being scheduled
         self._inflight: tuple[list[_Req], list[tuple[_Req, int]]] = ([], [])
         self.stats = SimStats()
         self.rejected: list[str] = []
@@ -254,7 +255,7 @@ class Simulator:
     # ------------------------------------------------------------------ events
     def _push(self, t: float, kind: int) -> None:
         self._seq += 1
-        heapq.heappush(self._heap, (t, kind, self._seq, 0))
+        heapq.heappush(self._heap, (t, kind, self._seq))
 
     def _push_next_arrival(self) -> None:
         if self._next_arrival < len(self._arrivals):
@@ -266,7 +267,7 @@ class Simulator:
         report_every = max(1.0, last_arrival / 200)
         next_report = report_every
         while self._heap:
-            t, kind, _, _ = heapq.heappop(self._heap)
+            t, kind, _ = heapq.heappop(self._heap)
             if t > self.horizon_s:
                 self.stats.truncated = True
                 break
@@ -428,8 +429,8 @@ class Simulator:
             self.swapped.pop(r.id, None)
         r.blocks = 0
 
-    def _preempt(self, r: _Req, mode: PreemptMode, by_engine: bool = False) -> int:
-        """Evict a resident request; returns the blocks moved over PCIe (swap) this step."""
+    def _preempt(self, r: _Req, mode: PreemptMode, by_engine: bool = False) -> None:
+        """Evict a resident request; a swap's blocks are charged to the next step's PCIe time."""
         self.stats.preemptions += 1
         self.stats.engine_preemptions += int(by_engine)
         r.preemptions += 1
@@ -444,7 +445,7 @@ class Simulator:
             self.swapped[r.id] = r
             self.stats.swapped_blocks += r.blocks
             self._pending_swap += r.blocks
-            return r.blocks
+            return
         self.stats.preempt_recompute += 1
         self._drop_kv(r)
         self.stats.recomputed_tokens += r.computed
@@ -453,11 +454,8 @@ class Simulator:
         self.waiting[r.id] = r
         self._waiting_sorted = False
         self._too_long(r, r.prompt + r.generated + 1)
-        return 0
 
     # ------------------------------------------------------------------ steps
-    _pending_swap = 0
-
     def _start_step(self) -> None:
         if not self.live:
             return
@@ -493,6 +491,7 @@ class Simulator:
                 sampled += 1
         kv = sum(r.computed + 1 for r in decodes)
         dt = self.profile.step_time(prefill_tokens, len(decodes), kv, pairs, ctx, sampled, swap_blocks)
+        self._pending_swap = 0  # charged to this step
         if self.step_noise > 0:
             dt *= max(0.5, 1.0 + self.step_noise * float(self.rng.standard_normal()))
         self.stats.prefill_tokens += prefill_tokens
@@ -504,8 +503,6 @@ class Simulator:
         self._push(self.now + dt, STEP_END)
         self.stats.busy_s += dt
         self._recent.append(dt)
-        if len(self._recent) > RECENT_STEPS:
-            self._recent.pop(0)
 
     def _check_step(self, decodes: list[_Req], prefills: list[tuple[_Req, int]]) -> None:
         """Engine invariants (debug mode): limits per step, KV accounting, no request scheduled twice."""
@@ -554,7 +551,7 @@ class Simulator:
             victim = next((self.resident[v] for v in victims if v not in scheduled), None)
             if victim is None:
                 return False
-            self._pending_swap += self._preempt(victim, self.preempt_mode, by_engine=True)
+            self._preempt(victim, self.preempt_mode, by_engine=True)
             if victim is r:
                 return False
         if need > 0:
@@ -570,7 +567,6 @@ class Simulator:
         prefills: list[tuple[_Req, int]] = []
         ahead: list[_Req] = []
         scheduled: set[str] = set()
-        self._pending_swap = 0
         running = Phase.RUNNING
         for r in self.run_order:
             if slots == 0 or budget == 0:

@@ -144,3 +144,44 @@ def test_snapshot_states_match_their_fields() -> None:
         preemptions=0,
     )
     assert state == named and state.job is not None and state.job.job_id == "j" and state.job.done_tokens == 45
+
+
+def test_swap_traffic_is_charged_once_for_out_and_once_for_in() -> None:
+    """A policy swaps a request out mid-decode; its blocks cross PCIe exactly twice (out, then back in)."""
+    from dataclasses import replace
+
+    from tempo.scheduler.bounds import BoundLadder
+    from tempo.scheduler.interface import Decision, Phase, Policy, Preemption, PreemptMode, Snapshot
+
+    moved: list[int] = []
+
+    class Recording(type(small_profile())):  # type: ignore[misc]
+        def step_time(self, *args: object, **kwargs: object) -> float:
+            blocks = kwargs.get("swap_blocks", args[6] if len(args) > 6 else 0)
+            moved.append(int(blocks))  # type: ignore[arg-type]
+            return super().step_time(*args, **kwargs)  # type: ignore[arg-type]
+
+    class SwapOnce(Policy):
+        name = "swap-once"
+        frame_steps = 1
+        done = False
+
+        def decide(self, snapshot: Snapshot) -> Decision:
+            ids = tuple(r.request_id for r in snapshot.requests)
+            a = next((r for r in snapshot.requests if r.request_id == "a"), None)
+            if not self.done and a is not None and a.phase is Phase.RUNNING and a.generated >= 3:
+                self.done = True
+                return Decision(run=tuple(i for i in ids if i != "a"), preempt=(Preemption("a", PreemptMode.SWAP),))
+            return Decision(run=ids)
+
+    base = small_profile(swap_blocks=100)
+    profile = Recording(**{f: getattr(base, f) for f in ("name", "description", "arch", "hw", "engine", "knots",
+                                                          "linear_s", "fit")})
+    workload = [make_request("a", prompt_tokens=100, output_tokens=10), make_request("b", output_tokens=30)]
+    ladders = {w.id: BoundLadder.fixed(50) for w in workload}
+    result = Simulator(workload, ladders, SwapOnce(), replace(profile), check_decisions=True).run()
+    assert all(o.finished for o in result.outcomes)
+    assert result.stats.preempt_swap == 1
+    blocks = result.stats.swapped_blocks
+    assert blocks == 7  # 103 tokens of KV in 16-token blocks
+    assert sorted(b for b in moved if b) == [blocks, blocks]
