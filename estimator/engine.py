@@ -124,7 +124,7 @@ def pack_sketch(sketch: PromptSketch, spec: FeatureSpec) -> dict[str, Any]:
     if spec.n_hash > 1 << 16:
         return dict(sketch.to_dict())
     return {"idx": base64.b64encode(sketch.indices.astype("<u2").tobytes()).decode(),
-            "w": base64.b64encode(sketch.weights.astype("<f2").tobytes()).decode(),
+            "w": base64.b64encode(np.clip(sketch.weights, -6e4, 6e4).astype("<f2").tobytes()).decode(),
             "n_chars": sketch.n_chars, "n_words": sketch.n_words, "n_newlines": sketch.n_newlines}
 
 

@@ -97,7 +97,7 @@ class RefineResponse(BaseModel):
 
 class Sketch(_Strict):
     indices: list[Annotated[int, Field(ge=0, lt=MAX_SKETCH_ENTRIES)]] = Field(max_length=MAX_SKETCH_ENTRIES)
-    weights: list[Annotated[float, Field(ge=-1e6, le=1e6), AfterValidator(_finite)]] = Field(
+    weights: list[Annotated[float, Field(ge=-100, le=100), AfterValidator(_finite)]] = Field(
         max_length=MAX_SKETCH_ENTRIES)
     n_chars: int = Field(ge=0, le=MAX_TOKENS * 10)
     n_words: int = Field(ge=0, le=MAX_TOKENS * 10)
