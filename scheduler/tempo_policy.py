@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from tempo.scheduler.interface import (
     Decision,
@@ -89,18 +89,18 @@ class _Engine(NamedTuple):
 
 # The clock-independent part of a request's assessment, memoised per request state. A plain tuple (cheaper
 # to build than a NamedTuple; the engine makes new states for every resident at every step), by position:
-_KIND = 0  # _BE, _LATENCY, _DEADLINE or _COMPOUND
-_REM = 1  # remaining-length bound
-_PREFILL = 2  # tokens to (re)compute before its next token
-_COST = 3  # engine time it still needs (for a compound call: with the rest of its job)
-_VALUE = 4  # deadline/compound: tokens it earns if met; latency: the prompt (earned with the TTFT)
-_DUE = 5  # latency: when the next token is due, less its prefill time; else the (job) deadline
-_TBT = 6  # latency: seconds per token
-_NEED_A = 7  # time it needs = need_a + tau * need_b (latency: need_b = rem)
+_KIND: Final = 0  # _BE, _LATENCY, _DEADLINE or _COMPOUND
+_REM: Final = 1  # remaining-length bound
+_PREFILL: Final = 2  # tokens to (re)compute before its next token
+_COST: Final = 3  # engine time it still needs (for a compound call: with the rest of its job)
+_VALUE: Final = 4  # deadline/compound: tokens it earns if met; latency: the prompt (earned with the TTFT)
+_DUE: Final = 5  # latency: when the next token is due, less its prefill time; else the (job) deadline
+_TBT: Final = 6  # latency: seconds per token
+_NEED_A: Final = 7  # time it needs = need_a + tau * need_b (latency: need_b = rem)
 _NEED_B = 8
-_AFTER_A = 9  # compound: rest of the job = after_a + tau * after_b
+_AFTER_A: Final = 9  # compound: rest of the job = after_a + tau * after_b
 _AFTER_B = 10
-_FIRST_DUE = 11  # latency: arrival + TTFT
+_FIRST_DUE: Final = 11  # latency: arrival + TTFT
 _Static = tuple[int, int, int, float, float, float, float, float, float, float, float, float]
 _BE_STATIC: _Static = (_BE, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
@@ -170,7 +170,7 @@ class TempoPolicy(Policy):
             raise ValueError("p must be >= 1")
         if frame_steps < 1 or share < 1 or min_chunk < 1:
             raise ValueError("frame_steps, share and min_chunk must be >= 1")
-        self.frame_steps = int(frame_steps)
+        self.frame_steps = self.frame = int(frame_steps)
         self.p = float(p)
         self.grouping = grouping
         self.pace = bool(pace)
@@ -189,7 +189,7 @@ class TempoPolicy(Policy):
     def kwargs(self) -> dict[str, Any]:
         """The constructor arguments that reproduce this policy (besides job profile and truth)."""
         return {
-            "frame_steps": self.frame_steps,
+            "frame_steps": self.frame,
             "p": self.p,
             "grouping": self.grouping,
             "pace": self.pace,
@@ -351,7 +351,7 @@ class TempoPolicy(Policy):
 
         priority_of = dict(zip(map(id, cand), cand_p, strict=True))
         batch_rate = sum(cand_p[i] for i in order[:batch])
-        frame_s = self.frame_steps * tau
+        frame_s = self.frame * tau
         swap_s = timing.swap_s_per_block
         s_pre = engine.s_pre
 
@@ -371,7 +371,11 @@ class TempoPolicy(Policy):
                            max_requests=admit)
 
         static_of_id = dict(zip(map(id, cand), cand_s, strict=True))
-        admitted = [(r, st) for r in packing.run if (st := static_of_id.get(id(r))) is not None]
+        admitted: list[tuple[RequestState, _Static]] = []
+        for r in packing.run:
+            found = static_of_id.get(id(r))
+            if found is not None:
+                admitted.append((r, found))
         run: Sequence[RequestState] = packing.run
         if self.serve_by_laxity:
             # density chose who is admitted; among them, the least slack goes first (just in time)
@@ -401,7 +405,7 @@ class TempoPolicy(Policy):
         if kind == _LATENCY:
             owed = max(0.0, math.floor((now - first_due) / tbt) + 1 - r.generated) + 1.0
             spare = due - now
-            n = self.frame_steps
+            n = self.frame
             tau_need = min(spare, (spare + (n - 1) * tbt) / n) if spare > 0 else tbt
             prefill_rate = prefill_left / max(tau, first_due - now) if r.generated == 0 else 0.0
             return Assessment(r, 0.0, rem, 1.0 / tbt, owed, max(tau_need, 1e-6), prefill_rate)
@@ -418,7 +422,7 @@ class TempoPolicy(Policy):
         paces: list[Pace] = []
         tau_target = math.inf
         prefill_rate = 0.0
-        n = self.frame_steps
+        n = self.frame
         new_pace = _new_pace
         for r, st in admitted:
             g = r.generated

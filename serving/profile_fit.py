@@ -171,7 +171,8 @@ def fit_profile(spec: ProfileSpec, data_dir: Path | None = None) -> Profile:
 
     def rel_errors(mask: np.ndarray) -> np.ndarray:
         predicted = hat_basis(tokens[mask], knots) @ values
-        return np.abs(predicted - total[mask]) / total[mask]
+        errors: np.ndarray = np.abs(predicted - total[mask]) / total[mask]
+        return errors
 
     held_err, train_err = rel_errors(held), rel_errors(~held)
     budget_mask = held & (tokens <= spec.token_budget + spec.max_running)
@@ -196,7 +197,7 @@ def fit_profile(spec: ProfileSpec, data_dir: Path | None = None) -> Profile:
         dtype_bytes=2,
         tp=spec.tp,
     )
-    hw = Hardware(name=spec.gpu, gemm_flops=round(gemm_rate, -9), **HARDWARE[spec.gpu])  # type: ignore[arg-type]
+    hw = Hardware(name=spec.gpu, gemm_flops=round(gemm_rate, -9), **HARDWARE[spec.gpu])
     weights_bytes = parameter_count(shape, spec.n_layers) * arch.dtype_bytes / spec.tp
     block_size = 16
     block_bytes = arch.kv_bytes_per_token * block_size

@@ -35,19 +35,19 @@ def make_request(
         fields = {"deadline_s": 20.0 * tier}
     elif cls is SLOClass.COMPOUND:
         fields = {"job_deadline_s": 40.0 * tier}
-    return WorkloadRequest(
-        id=request_id,
-        arrival_s=arrival_s,
-        slo_class=cls,
-        slo_tier=tier,
-        prompt_tokens=prompt_tokens,
-        output_tokens=output_tokens,
-        app=app,
-        job_id=job_id if cls is SLOClass.COMPOUND else None,
-        stage=(stage or 0) if cls is SLOClass.COMPOUND else None,
-        depends_on=list(depends_on),
+    return WorkloadRequest.model_validate({
+        "id": request_id,
+        "arrival_s": arrival_s,
+        "slo_class": cls,
+        "slo_tier": tier,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "app": app,
+        "job_id": job_id if cls is SLOClass.COMPOUND else None,
+        "stage": (stage or 0) if cls is SLOClass.COMPOUND else None,
+        "depends_on": list(depends_on),
         **fields,
-    )
+    })
 
 
 def random_workload(rng: np.random.Generator, n: int, span_s: float = 20.0) -> list[WorkloadRequest]:
