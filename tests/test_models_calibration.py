@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from tempo.models.calibration import MondrianCalibrator, conformal_quantile
 from tempo.models.length_bounds import _monotone_ladder
 from tempo.scheduler.bounds import BoundLadder
@@ -62,7 +63,7 @@ def test_model_ladders_are_monotone_and_above_k(b0: int, raw: list[tuple[int, in
     ladder = _monotone_ladder(b0, ks, bounds, 0.9)  # BoundLadder's own checks run here
     steps = ladder.steps
     assert steps[0] == (0, b0)
-    assert all(k1 > k0 and c1 >= c0 for (k0, c0), (k1, c1) in zip(steps, steps[1:], strict=False))
+    assert all(k1 > k0 and c1 >= c0 for (k0, c0), (k1, c1) in itertools.pairwise(steps))
     assert ladder.bound_at(generated) > generated
     assert ladder.remaining_at(generated, max_tokens=generated + 7) >= 1
 
