@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -18,12 +17,7 @@ from tempo.estimator.settings import Settings
 from tempo.estimator.store import Store
 
 from tempo.cli import main
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.conftest import free_port
 
 
 def test_loadtest_reports_throughput_and_latency(redis_client: redis.Redis, redis_url: str, tmp_path: Path,
@@ -31,7 +25,7 @@ def test_loadtest_reports_throughput_and_latency(redis_client: redis.Redis, redi
     artifacts = tmp_path / "artifacts"
     assert main(["estimator", "publish", str(small_artifact()), "--redis-url", redis_url,
                  "--artifacts", str(artifacts)]) == 0
-    port = _free_port()
+    port = free_port()
     app = create_app(Settings(redis_url=redis_url, artifacts_dir=artifacts))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)

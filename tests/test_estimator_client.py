@@ -4,7 +4,6 @@ is down or slow, and completion records buffered and retried (against a real ser
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,20 +22,14 @@ from tempo.estimator.store import Store
 from tempo.scheduler.bounds import BoundQuery
 from tempo.scheduler.slo import SLOClass
 
-from tests.conftest import RedisServer
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.conftest import RedisServer, free_port
 
 
 class Service:
     """The app on a real uvicorn server in a thread."""
 
     def __init__(self, settings: Settings) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
@@ -83,7 +76,7 @@ def test_client_batches_estimates(service: Service) -> None:
 
 def test_client_falls_back_when_the_service_is_down_and_buffers_completions() -> None:
     async def main() -> tuple[list, bool, EstimatorClient]:  # type: ignore[type-arg]
-        client = EstimatorClient(f"http://127.0.0.1:{_free_port()}", timeout_s=0.05)
+        client = EstimatorClient(f"http://127.0.0.1:{free_port()}", timeout_s=0.05)
         for r in completion_records(DEFAULT_MODEL, n=50, seed=1):
             await client.record_completion(r)
         start = time.perf_counter()

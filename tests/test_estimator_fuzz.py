@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,14 +23,11 @@ from tempo.estimator.retrain import publish
 from tempo.estimator.settings import Settings
 from tempo.estimator.store import Store
 
+from tests.conftest import free_port
+
 ADMIN = {"Authorization": "Bearer s3cret"}
 EXAMPLES = 30
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +36,7 @@ def server_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     artifacts = tmp_path_factory.mktemp("fuzz") / "artifacts"
     publish(Store(redis_url), small_artifact(), Path(artifacts))
     app = create_app(Settings(redis_url=redis_url, artifacts_dir=artifacts, admin_token="s3cret"))  # type: ignore[arg-type]
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
