@@ -108,16 +108,6 @@ class CoverageTracker:
         return sum(c for c, _ in window) / len(window), sum(r for _, r in window) / len(window)
 
 
-def safe_sketch(text: str | None, spec: FeatureSpec) -> PromptSketch:
-    """``PromptSketch.of``, with an empty n-gram set for a text that has none (e.g. "!!": shorter than
-    every character n-gram and without a word), which ``hashed_ngrams`` currently fails on."""
-    try:
-        return PromptSketch.of(text, spec)
-    except ValueError:
-        text = text or ""
-        return PromptSketch(np.zeros(0, dtype=np.int64), np.zeros(0), len(text), len(text.split()), text.count("\n"))
-
-
 def pack_sketch(sketch: PromptSketch, spec: FeatureSpec) -> dict[str, Any]:
     """Compact JSON form for the stream: indices as base64 uint16, weights as base64 float16 (~4 bytes per
     n-gram instead of ~13 as JSON lists; the weights only feed a projection)."""
@@ -233,7 +223,7 @@ class Estimator:
         key = key if key is not None else text_key(text)
         sketch = self.sketches.get(key)
         if sketch is None:
-            sketch = safe_sketch(text, self.hash_spec)
+            sketch = PromptSketch.of(text, self.hash_spec)
             self.sketches.put(key, sketch)
         return sketch  # type: ignore[no-any-return,unused-ignore]
 
