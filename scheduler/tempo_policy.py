@@ -39,6 +39,7 @@ decision then costs a few float operations per request plus sorting.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
@@ -75,6 +76,8 @@ def _new_pace(fields: tuple[str, float, float]) -> Pace:
     """``Pace(*fields)`` without the NamedTuple constructor's Python-level call (hundreds per decision)."""
     return tuple.__new__(Pace, fields)
 _BE, _LATENCY, _DEADLINE, _COMPOUND = 0, 1, 2, 3
+# enum members bound once: ``SLOClass.LATENCY`` costs a metaclass lookup (~0.2 us) on every use
+_CLASS_BE, _CLASS_LATENCY, _CLASS_DEADLINE = SLOClass.BEST_EFFORT, SLOClass.LATENCY, SLOClass.DEADLINE
 
 
 class _Engine(NamedTuple):
@@ -103,6 +106,9 @@ _AFTER_B = 10
 _FIRST_DUE: Final = 11  # latency: arrival + TTFT
 _Static = tuple[int, int, int, float, float, float, float, float, float, float, float, float]
 _BE_STATIC: _Static = (_BE, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+# Per request id: (ladder, job info, demoted, max_tokens, kind, true length | None, class constants,
+# bound, k_lo, k_hi): the ladder step [k_lo, k_hi) the request was last seen on and its bound.
+_Constants = tuple[Any, ...]
 
 
 class Assessment(NamedTuple):
@@ -185,6 +191,7 @@ class TempoPolicy(Policy):
         self.truth = truth
         self._cache: dict[int, tuple[RequestState, _Static]] = {}
         self._cache_engine: _Engine | None = None
+        self._consts: dict[str, _Constants] = {}
 
     def kwargs(self) -> dict[str, Any]:
         """The constructor arguments that reproduce this policy (besides job profile and truth)."""
@@ -224,39 +231,78 @@ class TempoPolicy(Policy):
             return self.truth.outlook(r.job.job_id, r.job.stage)
         return self.job_profile.outlook(r.app, r.job.stage)
 
-    def _static(self, r: RequestState, e: _Engine) -> _Static:
-        slo = r.slo
+    def _constants(self, r: RequestState) -> _Constants:
+        """The lookups behind a request's static part that do not change while it decodes: SLO fields, the
+        compound outlook, its true length (oracle). Keyed by request id; valid while ladder, job info,
+        demotion and max_tokens are the same objects / values."""
+        rid, slo, arrival, _, ladder, _, _, _, _, app, _, _, _, max_tokens, job, demoted, _ = r
         cls = slo.slo_class
-        if r.demoted or cls is SLOClass.BEST_EFFORT:
+        truth = self.truth
+        true = truth.lengths.get(rid) if truth is not None else None
+        if demoted or cls is _CLASS_BE:
+            return (ladder, job, demoted, max_tokens, _BE, true, (), -1, 0, 0)
+        if cls is _CLASS_LATENCY:
+            assert slo.ttft_s is not None and slo.tbt_s is not None
+            extra: tuple[float, ...] = (arrival + slo.ttft_s, slo.tbt_s)
+            kind = _LATENCY
+        elif cls is _CLASS_DEADLINE:
+            assert slo.deadline_s is not None
+            extra, kind = (arrival + slo.deadline_s,), _DEADLINE
+        else:
+            assert slo.job_deadline_s is not None and job is not None
+            job_id, stage, job_arrival, calls, done = job
+            if truth is not None and job_id in truth.jobs:
+                outlook = truth.outlook(job_id, stage)
+            else:
+                outlook = self.job_profile.outlook(app, stage)
+            extra = (
+                job_arrival + slo.job_deadline_s, float(calls), float(done), float(outlook.prefill_tokens_after),
+                float(outlook.decode_tokens_after + outlook.stages_after), outlook.tokens_after,
+                outlook.prefill_total_after, outlook.decode_total_after,
+            )
+            kind = _COMPOUND
+        return (ladder, job, demoted, max_tokens, kind, true, extra, -1, 0, 0)
+
+    def _static(self, r: RequestState, e: _Engine) -> _Static:
+        rid, _, _, prompt, ladder, _, g, computed, _, _, _, _, _, max_tokens, job, demoted, _ = r
+        known = self._consts.get(rid)
+        if known is None or known[0] is not ladder or known[1] != job or known[2] != demoted or known[3] != max_tokens:
+            known = self._consts[rid] = self._constants(r)
+        kind, true, extra, bound, k_lo, k_hi = known[4:]
+        if kind == _BE:
             return _BE_STATIC
-        g = r.generated
-        rem = self._remaining(r)
-        pending = r.prompt_tokens + g - r.computed_tokens
+        if true is not None:
+            rem = max(1, true - g)
+        elif k_lo <= g < k_hi and bound > g:  # still on the same ladder step: no lookup
+            rem = bound - g
+        else:
+            steps = ladder.steps
+            index = max(0, bisect_right(steps, (g, 1 << 62)) - 1)
+            k, step_bound = steps[index]
+            if step_bound > g:
+                k_next = steps[index + 1][0] if index + 1 < len(steps) else 1 << 62
+                self._consts[rid] = (*known[:7], step_bound, k, k_next)
+                rem = step_bound - g
+            else:  # a runaway generation past the ladder: the contract's rule
+                rem = ladder.remaining_at(g, max_tokens)
+        pending = prompt + g - computed
         prefill_left = pending - 1 if g > 0 else pending
         t_pre = prefill_left * e.s_pre
-        cost = prefill_left * e.c_pre + rem * (e.c_seq + e.c_kv * (r.prompt_tokens + g + rem / 2))
-        if cls is SLOClass.LATENCY:
-            assert slo.ttft_s is not None and slo.tbt_s is not None
-            first_due = r.arrival_s + slo.ttft_s
-            bonus = float(r.prompt_tokens) if g == 0 else 0.0
-            return (_LATENCY, rem, prefill_left, cost, bonus, first_due + g * slo.tbt_s - t_pre, slo.tbt_s,
-                    t_pre, float(rem), 0.0, 0.0, first_due)
-        if cls is SLOClass.DEADLINE:
-            assert slo.deadline_s is not None
-            value = float(r.prompt_tokens + g + rem)
-            return (_DEADLINE, rem, prefill_left, cost, value, r.arrival_s + slo.deadline_s, 0.0, t_pre,
-                    float(rem), 0.0, 0.0, 0.0)
-        assert slo.job_deadline_s is not None and r.job is not None
-        job = r.job
-        outlook = self._outlook(r)
-        after_a = outlook.prefill_tokens_after * e.s_pre
-        after_b = float(outlook.decode_tokens_after + outlook.stages_after)
-        value = job.done_tokens + job.stage_calls * float(r.prompt_tokens + g + rem) + outlook.tokens_after
-        cost = job.stage_calls * cost + outlook.prefill_total_after * e.c_pre + outlook.decode_total_after * (
-            e.c_seq + e.c_kv * (r.prompt_tokens + g)
-        )
-        return (_COMPOUND, rem, prefill_left, cost, value, job.job_arrival_s + slo.job_deadline_s, 0.0,
-                t_pre + after_a, rem + after_b, after_a, after_b, 0.0)
+        cost = prefill_left * e.c_pre + rem * (e.c_seq + e.c_kv * (prompt + g + rem / 2))
+        if kind == _LATENCY:
+            first_due, tbt = extra
+            bonus = float(prompt) if g == 0 else 0.0
+            return (_LATENCY, rem, prefill_left, cost, bonus, first_due + g * tbt - t_pre, tbt, t_pre, float(rem),
+                    0.0, 0.0, first_due)
+        if kind == _DEADLINE:
+            return (_DEADLINE, rem, prefill_left, cost, float(prompt + g + rem), extra[0], 0.0, t_pre, float(rem),
+                    0.0, 0.0, 0.0)
+        due, calls, done, prefill_after, after_b, tokens_after, prefill_total, decode_total = extra
+        after_a = prefill_after * e.s_pre
+        value = done + calls * float(prompt + g + rem) + tokens_after
+        cost = calls * cost + prefill_total * e.c_pre + decode_total * (e.c_seq + e.c_kv * (prompt + g))
+        return (_COMPOUND, rem, prefill_left, cost, value, due, 0.0, t_pre + after_a, rem + after_b, after_a,
+                after_b, 0.0)
 
     # ------------------------------------------------------------ decide
     def decide(self, snapshot: Snapshot) -> Decision:
@@ -272,9 +318,14 @@ class TempoPolicy(Policy):
         )
         tau = max(timing.recent_step_s or 0.0, engine.tau_floor)
         tau_floor = engine.tau_floor
-        if engine != self._cache_engine:
-            self._cache, self._cache_engine = {}, engine
-        cache, fresh = self._cache, {}
+        if engine != self._cache_engine or len(self._cache) > 2 * len(snapshot.requests) + 1024:
+            # new engine constants, or too many entries of requests gone: keep only the live ones
+            old = self._cache if engine == self._cache_engine else {}
+            self._cache = {id(r): e for r in snapshot.requests if (e := old.get(id(r))) is not None and e[0] is r}
+            self._cache_engine = engine
+            live = {r.request_id for r in snapshot.requests}
+            self._consts = {rid: c for rid, c in self._consts.items() if rid in live}
+        cache = self._cache
         static_of = self._static
         oracle = self.truth is not None
         by_compute = self.compute_density
@@ -292,8 +343,7 @@ class TempoPolicy(Policy):
             key = id(r)
             entry = get(key)
             if entry is None or entry[0] is not r:
-                entry = (r, static_of(r, engine))
-            fresh[key] = entry
+                entry = cache[key] = (r, static_of(r, engine))
             st = entry[1]
             kind, rem, _, cost, value, due, tbt, need_a, need_b, _, _, _ = st
             if kind == _BE:
@@ -335,7 +385,6 @@ class TempoPolicy(Policy):
             add_cand(r)
             add_p(priority)
             add_s(st)
-        self._cache = fresh
 
         # ranking: priority (stable: ties keep the snapshot's order), GMAX or SJF for the first batch
         batch = limits.max_running
@@ -364,11 +413,11 @@ class TempoPolicy(Policy):
         # Paced requests share the engine's slots: up to ``share`` x B requests progress on B slots.
         admit = limits.max_running * (self.share if self.pace else 1)
         packing = pack(slo_ordered, limits, preempt=True, can_evict=worth_evicting, max_requests=admit,
-                       others=best_effort)
+                       others=best_effort, max_misfits=admit)
         if best_effort and (not self.be_only_when_idle or len(packing.run) == len(slo_ordered)):
             # every feasible SLO request is in: fill the rest with best-effort work
             packing = pack([*slo_ordered, *best_effort], limits, preempt=True, can_evict=worth_evicting,
-                           max_requests=admit)
+                           max_requests=admit, max_misfits=admit)
 
         static_of_id = dict(zip(map(id, cand), cand_s, strict=True))
         admitted: list[tuple[RequestState, _Static]] = []
@@ -439,8 +488,8 @@ class TempoPolicy(Policy):
                         tau_target = need
                 continue
             stage_left = due - now - (after_a + tau * after_b) - (need_a - after_a)
-            rate = rem / stage_left if stage_left > tau else 1.0 / tau
-            paces.append(new_pace((r.request_id, rate, 1.0)))
+            if stage_left > rem * tau:  # it can afford to skip steps: pace it (else it needs every step)
+                paces.append(new_pace((r.request_id, rem / stage_left, 1.0)))
             if prefill_left > 0:
                 prefill_rate += prefill_left / max(tau, stage_left - rem * tau)
         return (tuple(paces) if self.pace else ()), max(tau_target, 1e-6), prefill_rate
