@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from tempo.serving.bench import BenchOut, RateSummary, RunOut
+from tempo.serving.bench import BASELINES, BenchOut, RateSummary, RunOut
 
 CLASS_SHORT = {"latency": "L", "deadline": "D", "compound": "C", "best_effort": "B"}
 
@@ -103,12 +103,20 @@ def plot_bench(result: BenchOut, path: Path) -> None:
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for run in result.runs:
         series[run.policy].append((run.rps, run.token_goodput))
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for label, points in series.items():
+    fig, ax = plt.subplots(figsize=(8, 5))
+    palette = plt.get_cmap("tab20").colors
+    baselines = set(BASELINES)
+    for index, (label, points) in enumerate(series.items()):
         points.sort()
-        style = "-" if label in ("tempo", "oracle") else "--"
-        width = 2.5 if label == "tempo" else 1.4
-        ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", linewidth=width, label=label)
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        if label == "tempo":
+            ax.plot(xs, ys, "-", color="black", marker="o", linewidth=2.8, label=label, zorder=5)
+        elif label == "oracle":
+            ax.plot(xs, ys, "-", color="grey", marker="s", linewidth=1.8, label=label, zorder=4)
+        elif label in baselines:
+            ax.plot(xs, ys, "--", color=palette[index % 20], marker="o", linewidth=1.4, label=label)
+        else:  # ablations and parameter variants
+            ax.plot(xs, ys, ":", color=palette[index % 20], marker="^", linewidth=1.4, label=label)
     if result.saturation_rps:
         ax.axvline(result.saturation_rps, color="grey", linewidth=0.8, linestyle=":")
         ax.text(result.saturation_rps, ax.get_ylim()[1] * 0.98, " FCFS saturation", color="grey", va="top", fontsize=8)
