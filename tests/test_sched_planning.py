@@ -146,3 +146,13 @@ def test_check_decision_catches_contract_breaches() -> None:
     ]
     for decision in bad:
         assert not check_decision(snapshot, decision).ok, decision
+
+
+def test_pack_stops_looking_for_newcomers_after_max_misfits_but_keeps_residents() -> None:
+    resident = make_state("res", prompt_tokens=32, generated=2, phase=Phase.RUNNING)
+    big = [make_state(f"big{i}", prompt_tokens=400, arrival_s=i) for i in range(5)]  # 26 blocks each
+    tiny = make_state("tiny", prompt_tokens=10, arrival_s=9)  # 1 block
+    limits = make_limits(kv_blocks_total=20, kv_blocks_free=10)
+    ordered = [*big, tiny, resident]
+    assert [r.request_id for r in pack(ordered, limits).run] == ["tiny", "res"]
+    assert [r.request_id for r in pack(ordered, limits, max_misfits=3).run] == ["res"]
