@@ -22,22 +22,11 @@ from tempo.serving.bench import (
     parse_policies,
     run_bench,
 )
+from tempo.serving.cli import make_console, parse_tiers
 from tempo.serving.engine_profile import DEFAULT_PROFILE, profile_names
 from tempo.serving.workload_builder import DEFAULT_MODEL
 
 from tempo.errors import TempoError
-
-
-def _console() -> Console:
-    console = Console()
-    return console if console.is_terminal else Console(width=max(console.width, 160))
-
-
-def _tiers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(","))
-    except ValueError:
-        raise TempoError(f"--tiers: expected comma-separated integers, got {text!r}") from None
 
 
 def bench_command(
@@ -100,7 +89,7 @@ def bench_command(
         raise TempoError(f"--engine {engine!r} is not available (only 'sim'; vLLM is the integration issue)")
     if quantile <= 0 or quantile >= 1:
         raise TempoError("--quantile must be in (0, 1)")
-    console = _console()
+    console = make_console(min_width=160)
     if cost:
         _cost(policies, queued, profile, seed, json_out, console)
         return
@@ -113,7 +102,7 @@ def bench_command(
         mix=mix,
         arrivals=arrivals,
         seed=seed,
-        tiers=_tiers(tiers),
+        tiers=parse_tiers(tiers),
         model=model,
         quantile=quantile,
         decode_weight=decode_weight,

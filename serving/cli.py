@@ -16,10 +16,10 @@ from tempo.serving.workload_stats import summarize
 workload_app = typer.Typer(help="Build mixed-class workloads from real data and summarise them.", no_args_is_help=True)
 
 
-def make_console() -> Console:
+def make_console(min_width: int = 120) -> Console:
     """A rich console; output that is not a terminal gets a width that fits the tables."""
     console = Console()
-    return console if console.is_terminal else Console(width=max(console.width, 120))
+    return console if console.is_terminal else Console(width=max(console.width, min_width))
 
 
 def parse_tiers(text: str) -> tuple[int, ...]:
