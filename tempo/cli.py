@@ -25,10 +25,6 @@ app.add_typer(workload_app, name="workload")
 app.add_typer(estimator_app, name="estimator")
 
 
-def _not_built_yet(what: str, issue: int) -> None:
-    raise TempoError(f"'{what}' is not available yet (tracked in issue #{issue})")
-
-
 from tempo.serving.bench_cli import bench_command  # noqa: E402  (the bench command lives with the benchmark)
 
 app.command("bench")(bench_command)
@@ -37,7 +33,7 @@ app.command("bench")(bench_command)
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve() -> None:
     """OpenAI-compatible endpoint on vLLM with the Tempo scheduler (vLLM integration issue)."""
-    _not_built_yet("tempo serve", 4)
+    raise TempoError("'tempo serve' is not available yet: it needs the vLLM integration, not yet built")
 
 
 @app.command("demo")
