@@ -38,10 +38,15 @@ class LengthRow:
     samples: tuple[int, ...]  # valid (non-degenerate) response lengths, at least one
 
 
-def prompt_split(prompt_id: str, fractions: Sequence[float] = (0.6, 0.2, 0.2), salt: str = "") -> str:
-    """The split of a prompt, from a hash of its id (stable across runs, machines and files)."""
+def prompt_unit(prompt_id: str, salt: str = "") -> float:
+    """A prompt's place in [0, 1), from a hash of its id (stable across runs, machines and files)."""
     digest = hashlib.sha256(f"{salt}{prompt_id}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def prompt_split(prompt_id: str, fractions: Sequence[float] = (0.6, 0.2, 0.2), salt: str = "") -> str:
+    """The split of a prompt: consecutive intervals of ``prompt_unit`` in ``SPLITS`` order."""
+    u = prompt_unit(prompt_id, salt)
     total, edge = sum(fractions), 0.0
     for name, share in zip(SPLITS, fractions, strict=True):
         edge += share / total

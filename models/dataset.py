@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from tempo.data.castillo import SPLITS, LengthRow, prompt_split
+from tempo.data.castillo import SPLITS, LengthRow, prompt_split, prompt_unit
 from tempo.models.features import RequestInfo
 from tempo.models.length_bounds import LengthSamples
 
@@ -32,4 +32,25 @@ def split_rows(rows: Sequence[LengthRow], salt: str = "") -> dict[str, list[Leng
     out: dict[str, list[LengthRow]] = {s: [] for s in SPLITS}
     for row in rows:
         out[prompt_split(row.prompt_id, salt=salt)].append(row)
+    return out
+
+
+def fold_rows(rows: Sequence[LengthRow], fold: int, folds: int, salt: str = "") -> dict[str, list[LengthRow]]:
+    """Fold ``fold`` of a K-fold cross-evaluation by prompt: it tests the prompts whose ``prompt_unit``
+    falls in [fold/K, (fold+1)/K) and splits the others 3:1 into fit and calibration, in hash order.
+
+    Every prompt is tested exactly once over the K folds, and with K = 5 the last fold is exactly
+    ``split_rows``' 60/20/20 split.
+    """
+    if not 0 <= fold < folds or folds < 2:
+        raise ValueError(f"fold must be in [0, {folds}) with at least 2 folds")
+    lo, hi = fold / folds, (fold + 1) / folds
+    out: dict[str, list[LengthRow]] = {s: [] for s in SPLITS}
+    for row in rows:
+        u = prompt_unit(row.prompt_id, salt)
+        if lo <= u < hi:
+            out["test"].append(row)
+        else:
+            rest = (u if u < lo else u - (hi - lo)) / (1 - (hi - lo))  # its place among the other prompts
+            out["fit" if rest < 0.75 else "calibration"].append(row)
     return out

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import numpy.typing as npt
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -22,12 +25,14 @@ from rich.progress import Progress
 from rich.table import Table
 from tempo.data.castillo import LengthRow, castillo_lengths_path, castillo_prompts_path, load_length_rows, load_prompts
 from tempo.models.artifact import artifact_size_bytes, save_artifact
-from tempo.models.dataset import samples_from_rows, split_rows
+from tempo.models.dataset import fold_rows, samples_from_rows, split_rows
 from tempo.models.evaluation import (
+    LadderPoint,
     Split,
     bound_metrics,
     empirical_quantile_bounds,
-    ladder_metrics,
+    ladder_points,
+    ladder_summary,
     latency_ms,
     paper_style_model,
     prompt_length_bounds,
@@ -37,79 +42,156 @@ from tempo.models.quantile import MODEL_KINDS
 
 from tempo.errors import TempoError
 
+FloatArray = npt.NDArray[np.float64]
 
-def _split(rows: list[LengthRow], prompts: dict[str, str]) -> Split:
-    parts = split_rows(rows)
+
+def _split(rows: list[LengthRow], prompts: dict[str, str], fold: int | None = None, folds: int = 5) -> Split:
+    parts = split_rows(rows) if fold is None else fold_rows(rows, fold, folds)
     if not all(parts.values()):
         raise TempoError("too few prompts to split into fit, calibration and test")
     return Split(*(samples_from_rows(parts[name], prompts) for name in ("fit", "calibration", "test")))
 
 
-def _floor(test: LengthSamples, quantile: float) -> dict[str, Any]:
+def _sample_medians(test: LengthSamples) -> FloatArray:
+    """Per test sample, the true median length of its prompt (the oracle floor's input)."""
+    order = np.argsort(test.request_index, kind="stable")
+    starts = np.searchsorted(test.request_index[order], np.arange(len(test.requests) + 1))
+    medians = np.array([np.median(test.lengths[order[a:b]]) if b > a else 1.0
+                        for a, b in pairwise(starts)])
+    return medians[test.request_index]
+
+
+def _floor(lengths: FloatArray, medians: FloatArray, quantile: float) -> dict[str, Any]:
     """Oracle floor: each prompt's true median times one factor chosen on the test set for coverage q."""
-    medians = np.array([np.median(test.lengths[test.request_index == i]) for i in range(len(test.requests))])
-    ratio = test.lengths / medians[test.request_index]
-    factor = float(np.quantile(ratio, quantile, method="higher"))
-    bound = np.ceil(medians[test.request_index] * factor)
-    return {"coverage": round(float(np.mean(test.lengths <= bound)), 4),
-            "reserved_per_used": round(float(bound.sum() / test.lengths.sum()), 4)}
+    factor = float(np.quantile(lengths / medians, quantile, method="higher"))
+    bound = np.ceil(medians * factor)
+    return {"coverage": round(float(np.mean(lengths <= bound)), 4),
+            "reserved_per_used": round(float(bound.sum() / lengths.sum()), 4)}
 
 
-def evaluate_target(split: Split, quantile: float, kinds: list[str], seed: int, n_estimators: int,
-                    baselines: set[str], progress: Progress | None = None) -> dict[str, Any]:
-    """Every method's metrics on one target (a served model, or all of them pooled)."""
+@dataclass
+class FoldPredictions:
+    """What one fold's test prompts got from every method; folds are concatenated before scoring."""
+
+    lengths: FloatArray
+    apps: list[str]
+    medians: FloatArray  # true per-prompt median of each sample's prompt
+    bounds: dict[str, FloatArray] = field(default_factory=dict)  # per method, per test sample
+    predicted_medians: dict[str, FloatArray] = field(default_factory=dict)  # per tempo kind
+    ladders: dict[str, dict[float, LadderPoint]] = field(default_factory=dict)  # per tempo kind
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method: latency, train time, size
+
+    @staticmethod
+    def concat(folds: list[FoldPredictions]) -> FoldPredictions:
+        first = folds[0]
+        return FoldPredictions(
+            np.concatenate([f.lengths for f in folds]), [a for f in folds for a in f.apps],
+            np.concatenate([f.medians for f in folds]),
+            {m: np.concatenate([f.bounds[m] for f in folds]) for m in first.bounds},
+            {m: np.concatenate([f.predicted_medians[m] for f in folds]) for m in first.predicted_medians},
+            {m: {p: LadderPoint.concat([f.ladders[m][p] for f in folds]) for p in first.ladders[m]}
+             for m in first.ladders},
+            {m: {k: v for k, v in first.extras[m].items() if k != "train_s"}
+             | {"train_s": round(float(np.mean([f.extras[m]["train_s"] for f in folds])), 1)}
+             for m in first.extras},
+        )
+
+
+def predict_fold(split: Split, quantile: float, kinds: list[str], seed: int, n_estimators: int,
+                 baselines: set[str], timings: bool = True, progress: Progress | None = None) -> FoldPredictions:
+    """Train every method on one split's fit (+ calibration) prompts and bound its test samples.
+
+    ``timings``: also measure prediction latency and artifact size (once per target is enough)."""
     test = split.test
-    apps = test.sample_apps
-    out: dict[str, Any] = {"data": {s: len(getattr(split, s)) for s in ("fit", "calibration", "test")}}
+    out = FoldPredictions(test.lengths, test.sample_apps, _sample_medians(test))
     for kind in kinds:
         params = {"n_estimators": n_estimators} if kind != "hist_gb" else {"max_iter": n_estimators}
         start = time.perf_counter()
         model = LengthBoundModel(quantile=quantile, kind=kind, seed=seed, model_params=params)
         model.fit(split.fit).calibrate(split.calibration)
         train_s = time.perf_counter() - start
-        bound = model.predict_bound(test.requests)[test.request_index]
-        result = bound_metrics(test.lengths, bound, apps, quantile)
+        name = f"tempo[{kind}]"
+        out.bounds[name] = model.predict_bound(test.requests)[test.request_index]
         assert model.featurizer_ is not None
-        median = np.exp(model.featurizer_.transform(test.requests)[:, -1])[test.request_index]
-        from scipy.stats import kendalltau
-
-        result["kendall_tau_median"] = round(float(kendalltau(median, test.lengths).statistic), 4)
-        result["ladder"] = ladder_metrics(model, test)
-        result["latency_ms"] = {
-            "single": latency_ms(model.predict_ladders, test.requests, 1, 300),
-            "batch256": latency_ms(model.predict_ladders, test.requests, 256, 20),
-        }
-        result["train_s"] = round(train_s, 1)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_artifact(model, Path(tmp) / "artifact")
-            result["artifact_bytes"] = artifact_size_bytes(Path(tmp) / "artifact")
-        out[f"tempo[{kind}]"] = result
+        out.predicted_medians[name] = np.exp(model.featurizer_.transform(test.requests)[:, -1])[test.request_index]
+        out.ladders[name] = ladder_points(model, test)
+        extras: dict[str, Any] = {"train_s": train_s}
+        if timings:
+            extras["latency_ms"] = {
+                "single": latency_ms(model.predict_ladders, test.requests, 1, 300),
+                "batch256": latency_ms(model.predict_ladders, test.requests, 256, 20),
+            }
+            with tempfile.TemporaryDirectory() as tmp:
+                save_artifact(model, Path(tmp) / "artifact")
+                extras["artifact_bytes"] = artifact_size_bytes(Path(tmp) / "artifact")
+        out.extras[name] = extras
         if progress is not None:
-            progress.console.print(f"  {escape(f'tempo[{kind}]')}: coverage {result['coverage']}, reserved/used "
-                                   f"{result['reserved_per_used']}, train {train_s:.0f} s")
+            covered = float(np.mean(test.lengths <= out.bounds[name]))
+            progress.console.print(f"  {escape(name)}: coverage {covered:.4f}, train {train_s:.0f} s")
     both = split.fit_and_calibration()
     if "a" in baselines:
-        out["baseline_a_dataset_quantile"] = bound_metrics(
-            test.lengths, empirical_quantile_bounds(both, test, quantile), apps, quantile)
+        out.bounds["baseline_a_dataset_quantile"] = empirical_quantile_bounds(both, test, quantile)
         if len({r.model for r in test.requests}) > 1:
-            out["baseline_a_dataset_model_quantile"] = bound_metrics(
-                test.lengths, empirical_quantile_bounds(both, test, quantile, by_model=True), apps, quantile)
+            out.bounds["baseline_a_dataset_model_quantile"] = empirical_quantile_bounds(
+                both, test, quantile, by_model=True)
     if "b" in baselines:
-        out["baseline_b_prompt_length"] = bound_metrics(
-            test.lengths, prompt_length_bounds(split.fit, split.calibration, test, quantile, seed), apps, quantile)
+        out.bounds["baseline_b_prompt_length"] = prompt_length_bounds(
+            split.fit, split.calibration, test, quantile, seed)
     if "c" in baselines:
         paper = paper_style_model(seed=seed).fit(_cap(both, 120_000, seed))
-        out["baseline_c_paper_qrf_q0.95"] = bound_metrics(
-            test.lengths, paper.predict_bound(test.requests)[test.request_index], apps, 0.95)
-        out["baseline_c_paper_qrf_q0.95"]["latency_ms"] = {
-            "single": latency_ms(paper.predict_bound, test.requests, 1, 100)}
-    out["floor_oracle_median"] = _floor(test, quantile)
-    main = out[f"tempo[{kinds[0]}]"]["reserved_per_used"]
-    if "a" in baselines:
+        out.bounds[PAPER] = paper.predict_bound(test.requests)[test.request_index]
+        if timings:
+            out.extras[PAPER] = {"latency_ms": {"single": latency_ms(paper.predict_bound, test.requests, 1, 100)}}
+    return out
+
+
+PAPER = "baseline_c_paper_qrf_q0.95"
+
+
+def score_target(pred: FoldPredictions, quantile: float, main: str) -> dict[str, Any]:
+    """Every method's metrics from (possibly concatenated) fold predictions."""
+    from scipy.stats import kendalltau
+
+    out: dict[str, Any] = {}
+    for name, bound in pred.bounds.items():
+        result = bound_metrics(pred.lengths, bound, pred.apps, 0.95 if name == PAPER else quantile)
+        if name in pred.predicted_medians:
+            tau = kendalltau(pred.predicted_medians[name], pred.lengths).statistic
+            result["kendall_tau_median"] = round(float(tau), 4)
+            result["ladder"] = ladder_summary(pred.ladders[name])
+        result.update(pred.extras.get(name, {}))
+        out[name] = result
+    out["floor_oracle_median"] = _floor(pred.lengths, pred.medians, quantile)
+    if "baseline_a_dataset_quantile" in out:
         base = out["baseline_a_dataset_quantile"]["reserved_per_used"]
         floor = out["floor_oracle_median"]["reserved_per_used"]
-        out["vs_baseline_a"] = round(1 - main / base, 4)
-        out["gap_to_floor_closed"] = round((base - main) / (base - floor), 4) if base > floor else None
+        mine = out[main]["reserved_per_used"]
+        out["vs_baseline_a"] = round(1 - mine / base, 4)
+        out["gap_to_floor_closed"] = round((base - mine) / (base - floor), 4) if base > floor else None
+    return out
+
+
+def evaluate_target(rows: list[LengthRow], prompts: dict[str, str], quantile: float, kinds: list[str], seed: int,
+                    n_estimators: int, baselines: set[str], folds: int = 1,
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """Every method's metrics on one target (a served model, or all of them pooled).
+
+    ``folds`` = 1: the 60/20/20 hash split. K > 1: K-fold cross-evaluation by prompt, every prompt tested
+    once, metrics over all of them (per-dataset coverage then rests on 5x more test prompts); latency and
+    artifact size come from the last fold, which is the 60/20/20 split when K = 5.
+    """
+    chosen = [None] if folds == 1 else list(range(folds))
+    parts, sizes = [], []
+    for i, fold in enumerate(chosen):
+        if progress is not None and fold is not None:
+            progress.console.print(f"  fold {fold + 1}/{folds}")
+        split = _split(rows, prompts, fold, folds)
+        sizes.append({s: len(getattr(split, s)) for s in ("fit", "calibration", "test")})
+        parts.append(predict_fold(split, quantile, kinds, seed, n_estimators, baselines,
+                                  timings=i == len(chosen) - 1, progress=progress))
+    pred = parts[0] if len(parts) == 1 else FoldPredictions.concat(parts[::-1])
+    out = score_target(pred, quantile, f"tempo[{kinds[0]}]")
+    out["data"] = sizes[0] if folds == 1 else {"folds": folds, "samples_per_fold": sizes}
     return out
 
 
@@ -122,8 +204,13 @@ def _cap(samples: LengthSamples, limit: int, seed: int) -> LengthSamples:
 
 
 def run_leave_one_model_out(rows: list[LengthRow], prompts: dict[str, str], held_out: str, quantile: float,
-                        recal_sizes: list[int], seed: int, n_estimators: int) -> dict[str, Any]:
-    """Train on the other models; coverage on the held-out one before and after recalibration."""
+                            recal_sizes: list[int], seed: int, n_estimators: int, draws: int = 20) -> dict[str, Any]:
+    """Train on the other models; coverage on the held-out one before and after recalibrating on N of its
+    completions (distinct prompts where possible, as they would arrive in service).
+
+    One draw of N completions moves coverage by about sqrt(q(1-q)/N) (0.02 at N = 200), so each N is
+    drawn ``draws`` times: the mean is what a deployment can expect, the 10-90% range how far one draw
+    may land from it."""
     others = [r for r in rows if r.model != held_out]
     target = [r for r in rows if r.model == held_out]
     if not target or not others:
@@ -133,22 +220,31 @@ def run_leave_one_model_out(rows: list[LengthRow], prompts: dict[str, str], held
     model = LengthBoundModel(quantile=quantile, seed=seed, model_params={"n_estimators": n_estimators})
     model.fit(train.fit).calibrate(train.calibration)
     test, apps = held.test, held.test.sample_apps
+    keys = ("coverage", "min_dataset_coverage", "reserved_per_used", "mean_slack_tokens")
 
     def score(m: LengthBoundModel) -> dict[str, Any]:
         metrics = bound_metrics(test.lengths, m.predict_bound(test.requests)[test.request_index], apps, quantile)
-        return {k: metrics[k] for k in ("coverage", "min_dataset_coverage", "reserved_per_used", "mean_slack_tokens")}
+        return {k: metrics[k] for k in keys}
 
-    out: dict[str, Any] = {"held_out": held_out, "before_recalibration": score(model), "after": {}}
+    out: dict[str, Any] = {"held_out": held_out, "before_recalibration": score(model), "after": {}, "draws": draws}
     rng = np.random.default_rng(seed)
     cal = held.calibration
     for n in recal_sizes:
-        # n completions of distinct prompts where possible, as they would arrive in service
-        order = rng.permutation(len(cal))
-        _, first = np.unique(cal.request_index[order], return_index=True)
-        rows_ = order[np.sort(first)][:n]
-        if len(rows_) < n:
-            rows_ = np.concatenate([rows_, rng.choice(order, size=n - len(rows_), replace=False)])
-        out["after"][str(n)] = score(model.recalibrated(cal.subset(np.sort(rows_))))
+        results = []
+        for _ in range(draws):
+            order = rng.permutation(len(cal))
+            _, first = np.unique(cal.request_index[order], return_index=True)
+            rows_ = order[np.sort(first)][:n]
+            if len(rows_) < n:
+                rest = np.setdiff1d(order, rows_)
+                rows_ = np.concatenate([rows_, rng.choice(rest, size=min(n - len(rows_), len(rest)), replace=False)])
+            results.append(score(model.recalibrated(cal.subset(np.sort(rows_)))))
+        coverage = np.array([r["coverage"] for r in results])
+        out["after"][str(n)] = {
+            **{k: round(float(np.mean([r[k] for r in results])), 4) for k in keys},
+            "coverage_p10": round(float(np.percentile(coverage, 10)), 4),
+            "coverage_p90": round(float(np.percentile(coverage, 90)), 4),
+        }
     return out
 
 
@@ -180,6 +276,15 @@ def eval_command(
         str | None, typer.Option(help="Held-out served model for the transfer test.")
     ] = None,
     recalibrate_n: Annotated[str, typer.Option(help="Recalibration sizes for --leave-one-model-out.")] = "50,100,200",
+    folds: Annotated[
+        int, typer.Option(help="1: one 60/20/20 split by prompt hash. K > 1: K-fold cross-evaluation by prompt "
+                          "(every prompt tested once; K times the training), for per-dataset figures that do not "
+                          "rest on a fifth of the prompts.")
+    ] = 1,
+    draws: Annotated[
+        int, typer.Option(help="--leave-one-model-out: random draws of the N recalibration completions; the "
+                          "report gives their mean coverage and spread.")
+    ] = 20,
     n_estimators: Annotated[int, typer.Option(help="Boosting rounds / trees of the main model.")] = 300,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
@@ -191,6 +296,8 @@ def eval_command(
     if not kind_list or unknown:
         raise TempoError(f"--kinds: unknown {unknown} (known: {', '.join(MODEL_KINDS)})")
     chosen_baselines = {b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none"}
+    if folds < 1 or draws < 1:
+        raise TempoError(f"--folds and --draws must be >= 1, got {folds} and {draws}")
     if chosen_baselines - {"a", "b", "c"}:
         raise TempoError(f"--baselines: expected a subset of a,b,c or 'none', got {baselines!r}")
     try:
@@ -210,7 +317,8 @@ def eval_command(
         targets.append(("pooled", rows))
     report: dict[str, Any] = {
         "config": {"data": str(data), "prompts": str(prompts), "quantile": quantile, "kinds": kind_list,
-                   "seed": seed, "n_estimators": n_estimators, "split": "sha256(prompt_id): 60/20/20"},
+                   "seed": seed, "n_estimators": n_estimators, "folds": folds,
+                   "split": "sha256(prompt_id): 60/20/20" if folds == 1 else f"sha256(prompt_id): {folds} folds"},
         "results": {},
     }
     console = Console(stderr=True)
@@ -220,14 +328,14 @@ def eval_command(
             progress.update(task, description=f"evaluating {name}")
             progress.console.print(f"[bold]{name}[/]: {len(target_rows)} rows")
             report["results"][name] = evaluate_target(
-                _split(target_rows, texts), quantile, kind_list, seed, n_estimators, chosen_baselines, progress)
+                target_rows, texts, quantile, kind_list, seed, n_estimators, chosen_baselines, folds, progress)
             progress.advance(task)
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(report, indent=2))
         if leave_one_model_out:
             progress.update(task, description=f"leave-one-model-out {leave_one_model_out}")
             report["leave_one_model_out"] = run_leave_one_model_out(
-                rows, texts, leave_one_model_out, quantile, sizes, seed, n_estimators)
+                rows, texts, leave_one_model_out, quantile, sizes, seed, n_estimators, draws)
             progress.advance(task)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2))
@@ -264,6 +372,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                           f"{floor.get('reserved_per_used')}; gap to floor closed {methods['gap_to_floor_closed']}")
     lomo = report.get("leave_one_model_out")
     if lomo:
-        after = ", ".join(f"N={n}: {v['coverage']:.3f}" for n, v in lomo["after"].items())
+        after = ", ".join(f"N={n}: {v['coverage']:.3f} (p10-p90 {v.get('coverage_p10', 0):.3f}-"
+                          f"{v.get('coverage_p90', 0):.3f})" for n, v in lomo["after"].items())
         console.print(f"leave-one-model-out {lomo['held_out']}: coverage before "
                       f"{lomo['before_recalibration']['coverage']:.3f}; after recalibration {after}")

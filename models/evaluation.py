@@ -51,27 +51,50 @@ def bound_metrics(true: FloatArray, bound: FloatArray, apps: Sequence[str], quan
     }
 
 
-def ladder_metrics(model: LengthBoundModel, samples: LengthSamples) -> dict[str, Any]:
-    """Coverage and slack among survivors at k = f x B0, for the ladder and for keeping B0."""
+@dataclass
+class LadderPoint:
+    """Survivors at k = f x B0: their true lengths, the ladder's bound at k, and B0."""
+
+    true: FloatArray
+    bound_k: FloatArray
+    b0: FloatArray
+
+    @staticmethod
+    def concat(points: Sequence[LadderPoint]) -> LadderPoint:
+        return LadderPoint(*(np.concatenate([getattr(p, a) for p in points]) for a in ("true", "bound_k", "b0")))
+
+
+def ladder_points(model: LengthBoundModel, samples: LengthSamples) -> dict[float, LadderPoint]:
+    """Per fraction f in ``LADDER_POINTS``, the samples that survive to k = f x B0 and their bounds."""
     ladders = model.predict_ladders(samples.requests)
     b0 = np.array([ladder.initial for ladder in ladders], dtype=float)[samples.request_index]
-    out: dict[str, Any] = {}
+    out: dict[float, LadderPoint] = {}
     for f in LADDER_POINTS:
         k = np.floor(f * b0)
-        alive = samples.lengths > k
-        rows = np.flatnonzero(alive)
-        bound_k = np.array(
-            [ladders[samples.request_index[i]].bound_at(int(k[i])) for i in rows], dtype=float
-        )
-        true = samples.lengths[rows]
+        rows = np.flatnonzero(samples.lengths > k)
+        bound_k = np.array([ladders[samples.request_index[i]].bound_at(int(k[i])) for i in rows], dtype=float)
+        out[f] = LadderPoint(samples.lengths[rows], bound_k, b0[rows])
+    return out
+
+
+def ladder_summary(points: dict[float, LadderPoint]) -> dict[str, Any]:
+    """Coverage and slack among survivors, for the ladder and for keeping B0."""
+    out: dict[str, Any] = {}
+    for f, p in points.items():
+        some = len(p.true) > 0
         out[f"k={f}xB0"] = {
-            "survivors": int(alive.sum()),
-            "coverage_ladder": round(float(np.mean(true <= bound_k)), 4) if len(rows) else None,
-            "coverage_keep_b0": round(float(np.mean(true <= b0[rows])), 4) if len(rows) else None,
-            "mean_slack_ladder": round(float(np.mean(bound_k - true)), 1) if len(rows) else None,
-            "mean_slack_keep_b0": round(float(np.mean(b0[rows] - true)), 1) if len(rows) else None,
+            "survivors": len(p.true),
+            "coverage_ladder": round(float(np.mean(p.true <= p.bound_k)), 4) if some else None,
+            "coverage_keep_b0": round(float(np.mean(p.true <= p.b0)), 4) if some else None,
+            "mean_slack_ladder": round(float(np.mean(p.bound_k - p.true)), 1) if some else None,
+            "mean_slack_keep_b0": round(float(np.mean(p.b0 - p.true)), 1) if some else None,
         }
     return out
+
+
+def ladder_metrics(model: LengthBoundModel, samples: LengthSamples) -> dict[str, Any]:
+    """Coverage and slack among survivors at k = f x B0, for the ladder and for keeping B0."""
+    return ladder_summary(ladder_points(model, samples))
 
 
 def latency_ms(predict: Callable[[Sequence[RequestInfo]], object], requests: Sequence[RequestInfo],

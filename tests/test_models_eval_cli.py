@@ -61,7 +61,37 @@ def test_eval_reports_every_method_on_unseen_data(tmp_path: Path) -> None:
     assert "baseline_a_dataset_model_quantile" in report["results"]["pooled"]
     lomo = report["leave_one_model_out"]
     assert lomo["held_out"] == "large" and set(lomo["after"]) == {"100"}
-    assert lomo["after"]["100"]["coverage"] > lomo["before_recalibration"]["coverage"]
+    after = lomo["after"]["100"]
+    assert after["coverage"] > lomo["before_recalibration"]["coverage"]
+    assert after["coverage_p10"] <= after["coverage"] <= after["coverage_p90"]
+
+
+def test_cross_evaluation_tests_every_prompt_once(tmp_path: Path) -> None:
+    lengths, texts = write_dataset(tmp_path, n_prompts=90)
+    out = tmp_path / "eval.json"
+    result = run(["--json", str(out), "--data", str(lengths), "--prompts", str(texts), "--models", "small",
+                  "--no-pooled", "--folds", "3", "--baselines", "a", "--n-estimators", "30"])
+    assert result.exit_code == 0, result.output
+    small = json.loads(out.read_text())["results"]["small"]
+    folds = small["data"]["samples_per_fold"]
+    assert len(folds) == 3 and sum(f["test"] for f in folds) == small["tempo[lightgbm]"]["samples"] == 900
+    assert "latency_ms" in small["tempo[lightgbm]"] and small["tempo[lightgbm]"]["ladder"]
+
+
+def test_fold_rows_partition_prompts_and_match_the_default_split() -> None:
+    from tempo.data.castillo import LengthRow
+    from tempo.models.dataset import fold_rows, split_rows
+
+    rows = [LengthRow("d", "m", f"p{i}", 5, (3,)) for i in range(400)]
+    tested = [r.prompt_id for f in range(4) for r in fold_rows(rows, f, 4)["test"]]
+    assert sorted(tested) == sorted(r.prompt_id for r in rows)
+    for f in range(4):
+        parts = fold_rows(rows, f, 4)
+        assert sum(map(len, parts.values())) == 400
+        assert 0.6 < len(parts["fit"]) / (len(parts["fit"]) + len(parts["calibration"])) < 0.9
+    assert fold_rows(rows, 4, 5) == split_rows(rows)
+    with pytest.raises(ValueError, match="fold"):
+        fold_rows(rows, 3, 3)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +100,7 @@ def test_eval_reports_every_method_on_unseen_data(tmp_path: Path) -> None:
         (["--models", "gpt-9"], "not in"),
         (["--kinds", "xgboost"], "unknown"),
         (["--quantile", "1.5"], "--quantile"),
+        (["--folds", "0"], "--folds"),
         (["--leave-one-model-out", "gpt-9", "--models", "none", "--no-pooled"], "has no rows"),
     ],
 )
