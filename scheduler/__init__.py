@@ -1,6 +1,7 @@
 """Engine-agnostic scheduling policies and the SLO / goodput model.
 
-Depends on the standard library only, so the same objects run in the simulator and inside vLLM.
+The SLO / goodput model and the policy interface depend on the standard library only; the policies add numpy
+(which vLLM ships), so the same objects run in the simulator and inside vLLM.
 """
 
 from tempo.scheduler.goodput import ClassReport, GoodputReport, RequestOutcome, account

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import is_, itemgetter
 
 from tempo.scheduler.interface import Decision, EngineLimits, Phase, Preemption, PreemptMode, RequestState
 from tempo.scheduler.slo import SLOClass
@@ -15,6 +17,7 @@ from tempo.scheduler.slo import SLOClass
 INF = math.inf
 # enum members bound once (a class-attribute lookup on an Enum costs ~0.2 us, per request per decision)
 _BEST_EFFORT, _LATENCY, _DEADLINE = SLOClass.BEST_EFFORT, SLOClass.LATENCY, SLOClass.DEADLINE
+_PHASE = itemgetter(5)  # RequestState.phase, read in C over long queues
 # vLLM keeps this share of the KV cache free when admitting new requests, so running ones can grow.
 WATERMARK_FRACTION = 0.01
 
@@ -67,6 +70,7 @@ class Packing:
 
     run: tuple[RequestState, ...]
     evict: tuple[RequestState, ...] = ()
+    positions: tuple[int, ...] = ()  # where each of ``run`` stands in the ``ordered`` it was packed from
 
 
 def pack(
@@ -95,39 +99,47 @@ def pack(
     block = limits.block_size
     running = Phase.RUNNING
     run: list[RequestState] = []
+    run_at: list[int] = []
     evicted: list[RequestState] = []
     evicted_ids: set[str] = set()
     pool: list[RequestState] | None = None  # eviction candidates: unwanted ones first, then by rank
     rank: dict[str, int] = {}
     refused = not preempt  # once an eviction is refused, lower-ranked newcomers do not try again
     misfits = 0
+    misfit_cap = max_misfits if max_misfits is not None else len(ordered) + 1
+    look_past_full = not stop_at_blocked
+    n_run = 0
+    swapped = Phase.SWAPPED
     for position, request in enumerate(ordered):
-        if len(run) >= slots:
+        if n_run >= slots:
             break
-        if max_misfits is not None and misfits >= max_misfits:
-            # no more newcomers: the residents further down keep their place while slots remain
-            rest = [r for r in ordered[position:] if r.phase is running and r.request_id not in evicted_ids]
-            run.extend(rest[: slots - len(run)])
+        if misfits >= misfit_cap or (refused and free <= 0 and look_past_full):
+            # no more newcomers (too many in a row did not fit, or none can fit now): the residents further
+            # down keep their place while slots remain
+            later = map(is_, map(_PHASE, ordered[position:]), repeat(running))
+            rest = [i for i in compress(range(position, len(ordered)), later)
+                    if ordered[i].request_id not in evicted_ids][: slots - n_run]
+            run.extend(ordered[i] for i in rest)
+            run_at.extend(rest)
             break
-        if request.phase is running:
-            if request.request_id not in evicted_ids:
+        phase = request.phase
+        if phase is running:
+            if not evicted_ids or request.request_id not in evicted_ids:
                 run.append(request)
+                run_at.append(position)
+                n_run += 1
             continue
         if refused and free <= 0:
-            if stop_at_blocked:
-                break
-            misfits += 1
-            continue
-        if request.phase is Phase.SWAPPED:
-            need = request.kv_blocks
-        else:  # kv_need, inlined: this loop can see tens of thousands of waiting requests
-            need = -(-(request.prompt_tokens + request.generated + 1) // block)
+            break  # stop_at_blocked (otherwise handled above)
+        # kv_need, inlined: this loop can see tens of thousands of waiting requests
+        need = request.kv_blocks if phase is swapped else -(-(request.prompt_tokens + request.generated + 1) // block)
         if need > free and not refused:
             if pool is None:
-                ranked = [(i, r) for i, r in enumerate(ordered) if r.phase is running]
-                rank = {r.request_id: i for i, r in ranked}
+                positions = list(compress(range(len(ordered)), map(is_, map(_PHASE, ordered), repeat(running))))
+                ranked = [ordered[i] for i in positions]
+                rank = {r.request_id: i for i, r in zip(positions, ranked, strict=True)}
                 pool = [r for r in others if r.phase is running and r.request_id not in rank]
-                pool += [r for _, r in ranked]
+                pool += ranked
             # choose victims tentatively (unwanted residents first, then the lowest-ranked resident while it
             # ranks below this request) and evict them only if together they make room
             front, back, gained = 0, len(pool) - 1, 0
@@ -151,13 +163,15 @@ def pack(
                 refused = True
         if need <= free:
             run.append(request)
+            run_at.append(position)
+            n_run += 1
             free -= need
             misfits = 0
         elif stop_at_blocked:
             break
         else:
             misfits += 1
-    return Packing(tuple(run), tuple(evicted))
+    return Packing(tuple(run), tuple(evicted), tuple(run_at))
 
 
 def decision_from(

@@ -1,4 +1,4 @@
-"""Package layout: one namespace, and the scheduler depends on the standard library only."""
+"""Package layout: one namespace, and the scheduler's SLO / goodput model depends on the standard library only."""
 
 import subprocess
 import sys
