@@ -73,25 +73,36 @@ def gmax_order(order: Sequence[int] | IntArray, priority: Sequence[float] | npt.
     a factor ``p`` of the ``batch``-th best (at most ``POOL_LIMIT`` x ``batch`` of them), the ``batch``
     consecutive ones in length order with the largest total priority, best first; then every other
     candidate in ``order``."""
-    order = np.asarray(order, dtype=np.int64)
+    return _gmax(np.asarray(order, dtype=np.int64), np.asarray(priority, dtype=np.float64),
+                 np.asarray(length, dtype=np.float64), batch, p).tolist()
+
+
+def _gmax(order: IntArray, priority: npt.NDArray[np.float64], length: npt.NDArray[np.float64], batch: int,
+          p: float) -> IntArray:
     if len(order) <= batch:
-        return order.tolist()
-    pr = np.asarray(priority, dtype=np.float64)
-    threshold = pr[order[batch - 1]] / p
-    within = pr[order[batch : min(len(order), POOL_LIMIT * batch)]] >= threshold
+        return order
+    threshold = priority[order[batch - 1]] / p
+    within = priority[order[batch : min(len(order), POOL_LIMIT * batch)]] >= threshold
     misses = np.flatnonzero(~within)
     end = batch + (int(misses[0]) if len(misses) else len(within))
     if end == batch:
-        return order.tolist()
+        return order
     head = order[:end]
-    pool = head[np.argsort(np.asarray(length, dtype=np.float64)[head], kind="stable")]  # ties keep rank
-    sums = np.concatenate([[0.0], np.cumsum(pr[pool])])
+    pool = head[np.argsort(length[head], kind="stable")]  # equal lengths keep their rank
+    sums = np.concatenate([[0.0], np.cumsum(priority[pool])])
     windows = sums[batch:] - sums[:-batch]
     best_start = int(np.argmax(windows >= windows.max() / (1 + 1e-12)))  # the first best window
     mark = np.zeros(int(head.max()) + 1, dtype=bool)
     mark[pool[best_start : best_start + batch]] = True
     chosen = mark[head]
-    return [*head[chosen].tolist(), *head[~chosen].tolist(), *order[end:].tolist()]
+    return np.concatenate([head[chosen], head[~chosen], order[end:]])
+
+
+def _take(requests: Sequence[RequestState], rows: IntArray) -> list[RequestState]:
+    """``[requests[i] for i in rows]``, in C."""
+    if len(rows) > 1:
+        return list(itemgetter(*rows.tolist())(requests))
+    return [requests[int(i)] for i in rows]
 
 
 class TempoPolicy(Policy):
@@ -183,7 +194,7 @@ class TempoPolicy(Policy):
         reject = [requests[i].request_id for i in np.flatnonzero(reject_mask).tolist()]
         demote = [requests[i].request_id for i in np.flatnonzero(demote_mask).tolist()]
         be_rows = self._best_effort_order(f, requests, np.flatnonzero((f.kind == BE) | demote_mask))
-        best_effort = list(map(requests.__getitem__, be_rows.tolist()))
+        best_effort = _take(requests, be_rows)
 
         # ranking: priority (stable: ties keep the snapshot's order), GMAX or SJF for the first batch
         batch = limits.max_running
@@ -193,9 +204,9 @@ class TempoPolicy(Policy):
         else:
             local = np.argsort(-cand_p, kind="stable")
             if self.grouping == "gmax":
-                local = np.asarray(gmax_order(local, cand_p, f.rem[cand], batch, self.p), dtype=np.int64)
+                local = _gmax(local, cand_p, f.rem[cand], batch, self.p)
         order = cand[local]
-        slo_ordered = list(map(requests.__getitem__, order.tolist()))
+        slo_ordered = _take(requests, order)
 
         batch_rate = float(priority[order[:batch]].sum())
         frame_s = self.frame * tau

@@ -10,9 +10,13 @@
 - ``oracle``: the true length as a one-step ladder (analysis only; the oracle *policy* gets the truth
   separately, and the benchmark never hands this provider to a non-oracle policy by default).
 
-A learned estimator (issue #5) plugs in with one line::
+- ``learned``: issue #5's length model from prompt text (``learned_provider``), trained on CASTILLO's fit
+  and calibration prompts of the workload's served models; compound calls keep the empirical ladders.
+  Needs a workload of unseen prompts (``--prompt-split test``).
 
-    register_provider("learned", lambda ctx: MyEstimatorProvider.load(...))
+Another estimator plugs in with one line::
+
+    register_provider("mine", lambda ctx: MyEstimatorProvider.load(...))
 
 where the object has ``ladders(queries) -> list[BoundLadder]`` (``tempo.scheduler.bounds.BoundProvider``).
 """
@@ -188,9 +192,21 @@ def _oracle(ctx: ProviderContext) -> BoundProvider:
     return OracleProvider(ctx.truth)
 
 
+def _learned(ctx: ProviderContext) -> BoundProvider:
+    from tempo.serving.learned_provider import LearnedProvider, fit_learned
+
+    models = sorted({w.model for w in ctx.training if w.model})
+    if not models:
+        raise TempoError("the learned estimator needs training completions that name their served model")
+    rows, prompts, _ = _sources()
+    model, seen = fit_learned(rows, prompts, models, ctx.quantile)
+    return LearnedProvider(model, _empirical(ctx), seen)
+
+
 register_provider("empirical", _empirical)
 register_provider("fixed", _fixed)
 register_provider("oracle", _oracle)
+register_provider("learned", _learned)
 
 
 # ------------------------------------------------------------ training data
@@ -263,4 +279,8 @@ def describe_provider(provider: Any) -> dict[str, Any]:
         return {"kind": "fixed", "bound": provider.bound, "quantile": provider.quantile}
     if isinstance(provider, OracleProvider):
         return {"kind": "oracle"}
+    model = getattr(provider, "model", None)
+    if model is not None and hasattr(model, "quantile"):
+        return {"kind": "learned", "quantile": model.quantile, "model_kind": model.kind,
+                "compound": describe_provider(getattr(provider, "fallback", None))}
     return {"kind": type(provider).__name__}
