@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Request, R
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from tempo.estimator.batcher import MicroBatcher
 from tempo.estimator.engine import Estimator, FallbackBounds, ServedModel, pack_sketch, unpack_sketch
 from tempo.estimator.metrics import Message, Metrics, MetricsMiddleware, Scope
 from tempo.estimator.schemas import (
@@ -106,9 +107,10 @@ def _checked(estimator: Estimator, requests: list[EstimateRequest]) -> None:
 
 
 @estimates.post("/estimate", response_model=EstimateResponse)
-async def estimate(body: EstimateRequest, estimator: EstimatorDep, metrics: MetricsDep) -> EstimateResponse:
+async def estimate(body: EstimateRequest, request: Request, estimator: EstimatorDep,
+                   metrics: MetricsDep) -> EstimateResponse:
     _checked(estimator, [body])
-    result = estimator.estimate([body])[0]
+    result: EstimateResponse = await request.app.state.batcher.submit(body)
     metrics.estimates.labels(result.source).inc()
     return result
 
@@ -341,6 +343,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         background = Background(worker, watcher, settings.registry_poll_s, on_redis=metrics.redis_up.set)
         app.state.settings, app.state.store, app.state.estimator = settings, store, estimator
         app.state.background, app.state.worker = background, worker
+        app.state.batcher = MicroBatcher(estimator.estimate, settings.micro_batch)
         app.state.retrain_lock, app.state.retrain_thread = threading.Lock(), None
         background.start()
         try:
