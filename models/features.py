@@ -105,11 +105,11 @@ def sketch_all(requests: Sequence[RequestInfo], spec: FeatureSpec) -> list[Promp
     texts = list(dict.fromkeys(r.prompt or "" for r in requests if r.sketch is None))
     cache: dict[str, PromptSketch] = {}
     if texts:
-        matrix = hashed_batch(texts, spec)
+        indptr, cols, weights = _hashed_rows(texts, spec)
+        cols = cols.astype(np.int64)
         for i, text in enumerate(texts):
-            lo, hi = matrix.indptr[i], matrix.indptr[i + 1]
-            cache[text] = PromptSketch(matrix.indices[lo:hi].astype(np.int64), matrix.data[lo:hi], len(text),
-                                       len(text.split()), text.count("\n"))
+            lo, hi = indptr[i], indptr[i + 1]
+            cache[text] = PromptSketch(cols[lo:hi], weights[lo:hi], len(text), len(text.split()), text.count("\n"))
     return [r.sketch if r.sketch is not None else cache[r.prompt or ""] for r in requests]
 
 
@@ -193,20 +193,26 @@ def _ngram_counts(texts: Sequence[str], spec: FeatureSpec) -> tuple[npt.NDArray[
     return keys[firsts] // spec.n_hash, keys[firsts] % spec.n_hash, counts
 
 
-def hashed_batch(texts: Sequence[str], spec: FeatureSpec) -> sp.csr_matrix:
-    """Hashed n-grams of many texts as a sparse matrix: log1p counts, each row L2-normalised."""
+def _hashed_rows(texts: Sequence[str], spec: FeatureSpec) -> tuple[npt.NDArray[np.int64], ...]:
+    """(indptr, bucket, weight) of the hashed n-grams of many texts, in CSR layout: log1p counts, each row
+    L2-normalised (the arrays without scipy's matrix, which costs more to build than one prompt to hash)."""
     rows, cols, counts = _ngram_counts(texts, spec)
     weights = np.log1p(counts.astype(np.float64))
     norms = np.sqrt(np.bincount(rows, weights * weights, minlength=len(texts)))
     weights = weights / norms[rows] if len(rows) else weights
-    indptr = np.searchsorted(rows, np.arange(len(texts) + 1))
+    return np.searchsorted(rows, np.arange(len(texts) + 1)), cols, weights
+
+
+def hashed_batch(texts: Sequence[str], spec: FeatureSpec) -> sp.csr_matrix:
+    """Hashed n-grams of many texts as a sparse matrix: log1p counts, each row L2-normalised."""
+    indptr, cols, weights = _hashed_rows(texts, spec)
     return sp.csr_matrix((weights, cols, indptr), shape=(len(texts), spec.n_hash))
 
 
 def hashed_ngrams(text: str, spec: FeatureSpec) -> tuple[npt.NDArray[np.int64], FloatArray]:
     """(indices, weights) of one prompt's hashed n-grams (see ``hashed_batch``)."""
-    row = hashed_batch([text], spec)
-    return row.indices.astype(np.int64), row.data
+    _, cols, weights = _hashed_rows([text], spec)
+    return cols.astype(np.int64), weights
 
 
 def hashed_matrix(sketches: Sequence[PromptSketch], spec: FeatureSpec) -> sp.csr_matrix:
