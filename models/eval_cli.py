@@ -91,10 +91,17 @@ class FoldPredictions:
             {m: np.concatenate([f.predicted_medians[m] for f in folds]) for m in first.predicted_medians},
             {m: {p: LadderPoint.concat([f.ladders[m][p] for f in folds]) for p in first.ladders[m]}
              for m in first.ladders},
-            {m: {k: v for k, v in first.extras[m].items() if k != "train_s"}
-             | {"train_s": round(float(np.mean([f.extras[m]["train_s"] for f in folds])), 1)}
-             for m in first.extras},
+            {m: _merged_extras([f.extras.get(m, {}) for f in folds]) for m in first.extras},
         )
+
+
+def _merged_extras(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first fold's timings and sizes, with the training time averaged over the folds."""
+    merged = dict(per_fold[0])
+    times = [e["train_s"] for e in per_fold if "train_s" in e]
+    if times:
+        merged["train_s"] = round(float(np.mean(times)), 1)
+    return merged
 
 
 def predict_fold(split: Split, quantile: float, kinds: list[str], seed: int, n_estimators: int,

@@ -70,12 +70,13 @@ def test_cross_evaluation_tests_every_prompt_once(tmp_path: Path) -> None:
     lengths, texts = write_dataset(tmp_path, n_prompts=90)
     out = tmp_path / "eval.json"
     result = run(["--json", str(out), "--data", str(lengths), "--prompts", str(texts), "--models", "small",
-                  "--no-pooled", "--folds", "3", "--baselines", "a", "--n-estimators", "30"])
+                  "--no-pooled", "--folds", "3", "--baselines", "a,c", "--n-estimators", "30"])
     assert result.exit_code == 0, result.output
     small = json.loads(out.read_text())["results"]["small"]
     folds = small["data"]["samples_per_fold"]
     assert len(folds) == 3 and sum(f["test"] for f in folds) == small["tempo[lightgbm]"]["samples"] == 900
     assert "latency_ms" in small["tempo[lightgbm]"] and small["tempo[lightgbm]"]["ladder"]
+    assert small["tempo[lightgbm]"]["train_s"] >= 0 and "latency_ms" in small["baseline_c_paper_qrf_q0.95"]
 
 
 def test_fold_rows_partition_prompts_and_match_the_default_split() -> None:
