@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from tempo.estimator.schemas import EstimateRequest, EstimateResponse
 from tempo.models.artifact import MANIFEST, ArtifactError, load_artifact
-from tempo.models.features import FeatureSpec, PromptSketch, RequestInfo, app_key
+from tempo.models.features import FeatureSpec, PromptSketch, RequestInfo, app_key, sketch_texts
 from tempo.models.length_bounds import LengthBoundModel
 from tempo.models.online import Observation, OnlineLengthLearner
 from tempo.scheduler.bounds import BoundLadder
@@ -227,12 +227,22 @@ class Estimator:
             self.sketches.put(key, sketch)
         return sketch  # type: ignore[no-any-return,unused-ignore]
 
+    def sketches_for(self, texts: Sequence[str | None], keys: Sequence[bytes]) -> list[PromptSketch]:
+        """Sketches of many prompts: from the cache, the missing ones hashed together in one pass."""
+        found = [self.sketches.get(k) for k in keys]
+        missing = {k: text or "" for k, text, sketch in zip(keys, texts, found, strict=True) if sketch is None}
+        fresh = dict(zip(missing, sketch_texts(list(missing.values()), self.hash_spec), strict=True))
+        for key, sketch in fresh.items():
+            self.sketches.put(key, sketch)
+        return [sketch if sketch is not None else fresh[k] for k, sketch in zip(keys, found, strict=True)]
+
     # -- estimates -------------------------------------------------------------------------------
     def estimate(self, requests: Sequence[EstimateRequest]) -> list[EstimateResponse]:
         served = self.served
         keys = [text_key(r.prompt) for r in requests]
-        infos = [RequestInfo(estimate_prompt_tokens(r), r.app, r.model, r.slo_class,
-                             sketch=self.sketch(r.prompt, k)) for r, k in zip(requests, keys, strict=True)]
+        sketches = self.sketches_for([r.prompt for r in requests], keys)
+        infos = [RequestInfo(estimate_prompt_tokens(r), r.app, r.model, r.slo_class, sketch=sketch)
+                 for r, sketch in zip(requests, sketches, strict=True)]
         out: list[EstimateResponse | None] = [None] * len(requests)
         batch_rows: list[int] = []
         with self.lock:
@@ -272,8 +282,9 @@ class Estimator:
     def _response(self, request: EstimateRequest, ladder: BoundLadder, factor: float, source: str,
                   version: str | None) -> EstimateResponse:
         steps = _scaled(ladder, factor, request.max_tokens)
-        return EstimateResponse(upper_bound=steps[0][1], quantile=self.quantile, ladder=steps, model_version=version,
-                                fallback=source == "fallback", source=source)  # type: ignore[arg-type,unused-ignore]
+        # built from checked values: no validation pass (FastAPI validates the response model on the way out)
+        return EstimateResponse.model_construct(upper_bound=steps[0][1], quantile=self.quantile, ladder=steps,
+                                                model_version=version, fallback=source == "fallback", source=source)
 
     def check_quantile(self, quantile: float | None) -> str | None:
         """An error message when a request asks for a quantile other than the served one."""

@@ -100,16 +100,20 @@ class PromptSketch:
         return cls(indices, weights, int(data["n_chars"]), int(data["n_words"]), int(data["n_newlines"]))
 
 
+def sketch_texts(texts: Sequence[str], spec: FeatureSpec) -> list[PromptSketch]:
+    """Sketches of many texts, hashed in one pass (a fifth of the cost of hashing them one by one)."""
+    if not texts:
+        return []
+    indptr, cols, weights = _hashed_rows(texts, spec)
+    cols = cols.astype(np.int64)
+    return [PromptSketch(cols[indptr[i]:indptr[i + 1]], weights[indptr[i]:indptr[i + 1]], len(text),
+                         len(text.split()), text.count("\n")) for i, text in enumerate(texts)]
+
+
 def sketch_all(requests: Sequence[RequestInfo], spec: FeatureSpec) -> list[PromptSketch]:
     """Sketches of many requests, each distinct prompt text hashed once (rows often share prompts)."""
     texts = list(dict.fromkeys(r.prompt or "" for r in requests if r.sketch is None))
-    cache: dict[str, PromptSketch] = {}
-    if texts:
-        indptr, cols, weights = _hashed_rows(texts, spec)
-        cols = cols.astype(np.int64)
-        for i, text in enumerate(texts):
-            lo, hi = indptr[i], indptr[i + 1]
-            cache[text] = PromptSketch(cols[lo:hi], weights[lo:hi], len(text), len(text.split()), text.count("\n"))
+    cache = dict(zip(texts, sketch_texts(texts, spec), strict=True))
     return [r.sketch if r.sketch is not None else cache[r.prompt or ""] for r in requests]
 
 
@@ -183,12 +187,10 @@ def _ngram_counts(texts: Sequence[str], spec: FeatureSpec) -> tuple[npt.NDArray[
         rows.append(row_of_byte[first[same_text]])
     buckets = ((np.concatenate(hashes) >> np.uint64(32)) & np.uint64(spec.n_hash - 1)).astype(np.int64)
     keys = np.concatenate(rows) * spec.n_hash + buckets
-    if len(texts) * spec.n_hash <= 1 << 20:  # counting beats sorting while the key space is small
-        all_counts = np.bincount(keys, minlength=len(texts) * spec.n_hash)
-        present = np.flatnonzero(all_counts)
-        return present // spec.n_hash, present % spec.n_hash, all_counts[present]
-    keys = np.sort(keys)
-    firsts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    if len(texts) * spec.n_hash < 1 << 31:  # int32 keys sort twice as fast
+        keys = keys.astype(np.int32)
+    keys = np.sort(keys).astype(np.int64)  # sorting beats counting over n_hash slots per text
+    firsts = np.flatnonzero(np.concatenate((keys[:1] >= 0, keys[1:] != keys[:-1])))  # each key's first place
     counts = np.diff(np.append(firsts, len(keys)))
     return keys[firsts] // spec.n_hash, keys[firsts] % spec.n_hash, counts
 
@@ -294,7 +296,8 @@ class Featurizer:
             score = k.weights @ coef[k.indices] + meta[0] @ coef[self.spec.n_hash :] + text_score.intercept_
             return np.hstack([meta[0], projected, [score]])[None, :]
         hashed = hashed_matrix(sketches, self.spec)
-        projected = np.asarray(hashed @ components, dtype=np.float64)
+        # in float32 like the components: a float64 product would first copy the whole (n_hash x dims) matrix
+        projected = np.asarray(hashed.astype(np.float32) @ components, dtype=np.float64)
         return np.hstack([meta, projected, text_score.predict(hashed, meta)[:, None]])
 
 

@@ -247,7 +247,7 @@ class LengthBoundModel:
 def _monotone_ladder(b0: int, ks: FloatArray, bounds: FloatArray, quantile: float) -> BoundLadder:
     """Steps with increasing k, bounds non-decreasing and above k (the conditional quantile is monotone)."""
     steps = [(0, max(1, b0))]
-    for k, bound in zip(ks.astype(int), bounds.astype(int), strict=True):
+    for k, bound in zip(ks.astype(int).tolist(), bounds.astype(int).tolist(), strict=True):  # Python ints
         if k <= steps[-1][0]:
             continue
         steps.append((int(k), int(max(bound, steps[-1][1], k + 1))))

@@ -321,7 +321,7 @@ class TempoPolicy(Policy):
         if not self.pace:
             return (), max(tau_target, 1e-6), prefill_rate
         paced = is_lat | (stage_left > rem * tau)  # one that cannot afford to skip steps needs every step: no pace
-        ids = [requests[i].request_id for i in admitted[paced].tolist()]
+        ids = map(_REQUEST_ID, _take(requests, admitted[paced]))
         fields = zip(ids, rate[paced].tolist(), np.where(is_lat, owed, 1.0)[paced].tolist(), strict=True)
         paces = tuple(map(tuple.__new__, repeat(Pace), fields))  # Pace(*fields), without its Python-level call
         return paces, max(tau_target, 1e-6), prefill_rate
