@@ -171,28 +171,33 @@ def _ngram_counts(texts: Sequence[str], spec: FeatureSpec) -> tuple[npt.NDArray[
         h = prefix[ends] - prefix[starts] * powers[ends - starts]
         return (h + np.uint64(tag)) * _MIX
 
-    hashes: list[npt.NDArray[np.uint64]] = []
+    mask = np.uint64(spec.n_hash - 1)
+    buckets: list[npt.NDArray[np.int64]] = []
     rows: list[npt.NDArray[np.int64]] = []
     for n in spec.char_ngrams:
-        starts = np.arange(max(len(data) - n + 1, 0))
-        starts = starts[seps_before[starts + n] == seps_before[starts]]
-        hashes.append(span_hash(starts, starts + n, n))
-        rows.append(row_of_byte[starts])
+        if len(data) < n:
+            continue
+        # every span [s, s + n) at once, on contiguous slices; kept when it holds no separator
+        inside = seps_before[n:] == seps_before[:-n]
+        h = ((prefix[n:] - prefix[:-n] * powers[n]) + np.uint64(n)) * _MIX
+        buckets.append(((h[inside] >> np.uint64(32)) & mask).astype(np.int64))
+        rows.append(row_of_byte[: len(inside)][inside])
     edges = np.diff(np.concatenate([[False], _WORD_BYTE[data], [False]]).astype(np.int8))
     word_starts, word_ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     for n in spec.word_ngrams:
         first, last = word_starts[: max(len(word_starts) - n + 1, 0)], word_ends[n - 1 :]
         same_text = row_of_byte[first] == row_of_byte[last - 1]
-        hashes.append(span_hash(first[same_text], last[same_text], 100 + n))
+        h = span_hash(first[same_text], last[same_text], 100 + n)
+        buckets.append(((h >> np.uint64(32)) & mask).astype(np.int64))
         rows.append(row_of_byte[first[same_text]])
-    buckets = ((np.concatenate(hashes) >> np.uint64(32)) & np.uint64(spec.n_hash - 1)).astype(np.int64)
-    keys = np.concatenate(rows) * spec.n_hash + buckets
+    keys = np.concatenate(rows) * spec.n_hash + np.concatenate(buckets)
     if len(texts) * spec.n_hash < 1 << 31:  # int32 keys sort twice as fast
         keys = keys.astype(np.int32)
-    keys = np.sort(keys).astype(np.int64)  # sorting beats counting over n_hash slots per text
+    keys = np.sort(keys)  # sorting beats counting over n_hash slots per text
     firsts = np.flatnonzero(np.concatenate((keys[:1] >= 0, keys[1:] != keys[:-1])))  # each key's first place
     counts = np.diff(np.append(firsts, len(keys)))
-    return keys[firsts] // spec.n_hash, keys[firsts] % spec.n_hash, counts
+    present = keys[firsts].astype(np.int64)
+    return present // spec.n_hash, present % spec.n_hash, counts
 
 
 def _hashed_rows(texts: Sequence[str], spec: FeatureSpec) -> tuple[npt.NDArray[np.int64], ...]:
