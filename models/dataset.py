@@ -36,21 +36,17 @@ def split_rows(rows: Sequence[LengthRow], salt: str = "") -> dict[str, list[Leng
 
 
 def fold_rows(rows: Sequence[LengthRow], fold: int, folds: int, salt: str = "") -> dict[str, list[LengthRow]]:
-    """Fold ``fold`` of a K-fold cross-evaluation by prompt: it tests the prompts whose ``prompt_unit``
-    falls in [fold/K, (fold+1)/K) and splits the others 3:1 into fit and calibration, in hash order.
+    """Fold ``fold`` of a K-fold cross-evaluation by prompt: the prompts whose ``prompt_unit`` falls in the
+    ``fold``-th K-th of [0, 1) are tested, those of the K-th before it (cyclically) calibrate, the rest fit.
 
-    Every prompt is tested exactly once over the K folds, and with K = 5 the last fold is exactly
-    ``split_rows``' 60/20/20 split.
+    Every prompt is tested once and calibrates once over the K folds (so both the test and the calibration
+    draws vary), and with K = 5 the last fold is exactly ``split_rows``' 60/20/20 split.
     """
-    if not 0 <= fold < folds or folds < 2:
-        raise ValueError(f"fold must be in [0, {folds}) with at least 2 folds")
-    lo, hi = fold / folds, (fold + 1) / folds
+    if not 0 <= fold < folds or folds < 3:
+        raise ValueError(f"fold must be in [0, {folds}) with at least 3 folds")
     out: dict[str, list[LengthRow]] = {s: [] for s in SPLITS}
     for row in rows:
-        u = prompt_unit(row.prompt_id, salt)
-        if lo <= u < hi:
-            out["test"].append(row)
-        else:
-            rest = (u if u < lo else u - (hi - lo)) / (1 - (hi - lo))  # its place among the other prompts
-            out["fit" if rest < 0.75 else "calibration"].append(row)
+        part = min(int(prompt_unit(row.prompt_id, salt) * folds), folds - 1)
+        name = "test" if part == fold else "calibration" if part == (fold - 1) % folds else "fit"
+        out[name].append(row)
     return out

@@ -284,9 +284,9 @@ def eval_command(
     ] = None,
     recalibrate_n: Annotated[str, typer.Option(help="Recalibration sizes for --leave-one-model-out.")] = "50,100,200",
     folds: Annotated[
-        int, typer.Option(help="1: one 60/20/20 split by prompt hash. K > 1: K-fold cross-evaluation by prompt "
-                          "(every prompt tested once; K times the training), for per-dataset figures that do not "
-                          "rest on a fifth of the prompts.")
+        int, typer.Option(help="1: one 60/20/20 split by prompt hash. K >= 3: K-fold cross-evaluation by prompt "
+                          "(every prompt tested once and calibrates once; K times the training), for per-dataset "
+                          "figures that do not rest on a fifth of the prompts.")
     ] = 1,
     draws: Annotated[
         int, typer.Option(help="--leave-one-model-out: random draws of the N recalibration completions; the "
@@ -303,8 +303,8 @@ def eval_command(
     if not kind_list or unknown:
         raise TempoError(f"--kinds: unknown {unknown} (known: {', '.join(MODEL_KINDS)})")
     chosen_baselines = {b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none"}
-    if folds < 1 or draws < 1:
-        raise TempoError(f"--folds and --draws must be >= 1, got {folds} and {draws}")
+    if folds < 1 or folds == 2 or draws < 1:
+        raise TempoError(f"--folds must be 1 or at least 3 and --draws at least 1, got {folds} and {draws}")
     if chosen_baselines - {"a", "b", "c"}:
         raise TempoError(f"--baselines: expected a subset of a,b,c or 'none', got {baselines!r}")
     try:

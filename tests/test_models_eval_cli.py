@@ -84,15 +84,18 @@ def test_fold_rows_partition_prompts_and_match_the_default_split() -> None:
     from tempo.models.dataset import fold_rows, split_rows
 
     rows = [LengthRow("d", "m", f"p{i}", 5, (3,)) for i in range(400)]
-    tested = [r.prompt_id for f in range(4) for r in fold_rows(rows, f, 4)["test"]]
-    assert sorted(tested) == sorted(r.prompt_id for r in rows)
+    everyone = sorted(r.prompt_id for r in rows)
+    for split in ("test", "calibration"):  # each prompt tests once and calibrates once
+        assert sorted(r.prompt_id for f in range(4) for r in fold_rows(rows, f, 4)[split]) == everyone
     for f in range(4):
         parts = fold_rows(rows, f, 4)
-        assert sum(map(len, parts.values())) == 400
-        assert 0.6 < len(parts["fit"]) / (len(parts["fit"]) + len(parts["calibration"])) < 0.9
+        assert sorted(r.prompt_id for rs in parts.values() for r in rs) == everyone
+        assert 0.4 < len(parts["fit"]) / 400 < 0.6
     assert fold_rows(rows, 4, 5) == split_rows(rows)
     with pytest.raises(ValueError, match="fold"):
         fold_rows(rows, 3, 3)
+    with pytest.raises(ValueError, match="at least 3"):
+        fold_rows(rows, 0, 2)
 
 
 @pytest.mark.parametrize(
@@ -102,6 +105,7 @@ def test_fold_rows_partition_prompts_and_match_the_default_split() -> None:
         (["--kinds", "xgboost"], "unknown"),
         (["--quantile", "1.5"], "--quantile"),
         (["--folds", "0"], "--folds"),
+        (["--folds", "2"], "--folds"),
         (["--leave-one-model-out", "gpt-9", "--models", "none", "--no-pooled"], "has no rows"),
     ],
 )
