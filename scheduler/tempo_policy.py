@@ -73,8 +73,9 @@ def gmax_order(order: Sequence[int] | IntArray, priority: Sequence[float] | npt.
     a factor ``p`` of the ``batch``-th best (at most ``POOL_LIMIT`` x ``batch`` of them), the ``batch``
     consecutive ones in length order with the largest total priority, best first; then every other
     candidate in ``order``."""
-    return _gmax(np.asarray(order, dtype=np.int64), np.asarray(priority, dtype=np.float64),
-                 np.asarray(length, dtype=np.float64), batch, p).tolist()
+    chosen = _gmax(np.asarray(order, dtype=np.int64), np.asarray(priority, dtype=np.float64),
+                   np.asarray(length, dtype=np.float64), batch, p)
+    return [int(i) for i in chosen]
 
 
 def _gmax(order: IntArray, priority: npt.NDArray[np.float64], length: npt.NDArray[np.float64], batch: int,
@@ -266,7 +267,8 @@ class TempoPolicy(Policy):
                         [requests[i].request_id for i in rows.tolist()], strict=True))
         return rows[sorted(range(len(keys)), key=keys.__getitem__)] if keys else rows
 
-    def _rank(self, f: Frame, now: float, tau: float, tau_floor: float) -> tuple[npt.NDArray[np.float64], ...]:
+    def _rank(self, f: Frame, now: float, tau: float,
+              tau_floor: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
         """Priority of every request (goodput it can still earn per second of engine time it needs), and
         who is rejected (past its deadline) or demoted (can no longer make it, or unlikely to)."""
         is_lat = f.kind == LATENCY
