@@ -213,15 +213,12 @@ class TempoPolicy(Policy):
         frame_s = self.frame * tau
         swap_s = timing.swap_s_per_block
         s_pre = engine.s_pre
-        by_row = table.priorities(f, np.where(candidate, priority, 0.0))
-
-        def priority_of(r: RequestState) -> float:
-            return by_row(r.request_id)
+        priority_of = table.priorities(f, np.where(candidate, priority, 0.0))  # by request id
 
         def worth_evicting(victim: RequestState, newcomer: RequestState) -> bool:
             _, cost = cheaper_mode(victim, limits, swap_s, s_pre)
-            p_victim = priority_of(victim)
-            gain = (priority_of(newcomer) - p_victim) * frame_s
+            p_victim = priority_of(victim.request_id)
+            gain = (priority_of(newcomer.request_id) - p_victim) * frame_s
             return gain > p_victim * (cost + tau) + cost * batch_rate
 
         # Paced requests share the engine's slots: up to ``share`` x B requests progress on B slots.
