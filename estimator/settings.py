@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None  # admin endpoints answer 403 while unset
     quantile: float = Field(default=0.9, gt=0, lt=1)  # served when there is no model (fallback and River)
     max_batch: int = Field(default=1024, ge=1)
-    micro_batch: int = Field(default=64, ge=1)  # concurrent single estimates computed in one model call
+    micro_batch: int = Field(default=16, ge=1)  # concurrent single estimates computed in one model call
     run_worker: bool = True  # the online learner and registry watcher run inside the API process
     consumer: str = "online-1"  # consumer name in the online group (one learner per service)
     worker_batch: int = Field(default=256, ge=1)
