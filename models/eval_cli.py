@@ -43,6 +43,7 @@ from tempo.models.quantile import MODEL_KINDS
 from tempo.errors import TempoError
 
 FloatArray = npt.NDArray[np.float64]
+PAPER = "baseline_c_paper_qrf_q0.95"  # baseline (c): always at q = 0.95, as the paper ran it
 
 
 def _split(rows: list[LengthRow], prompts: dict[str, str], fold: int | None = None, folds: int = 5) -> Split:
@@ -152,9 +153,6 @@ def predict_fold(split: Split, quantile: float, kinds: list[str], seed: int, n_e
     return out
 
 
-PAPER = "baseline_c_paper_qrf_q0.95"
-
-
 def score_target(pred: FoldPredictions, quantile: float, main: str) -> dict[str, Any]:
     """Every method's metrics from (possibly concatenated) fold predictions."""
     from scipy.stats import kendalltau
@@ -183,7 +181,7 @@ def evaluate_target(rows: list[LengthRow], prompts: dict[str, str], quantile: fl
                     progress: Progress | None = None) -> dict[str, Any]:
     """Every method's metrics on one target (a served model, or all of them pooled).
 
-    ``folds`` = 1: the 60/20/20 hash split. K > 1: K-fold cross-evaluation by prompt, every prompt tested
+    ``folds`` = 1: the 60/20/20 hash split. K >= 3: K-fold cross-evaluation by prompt, every prompt tested
     once, metrics over all of them (per-dataset coverage then rests on 5x more test prompts); latency and
     artifact size come from the last fold, which is the 60/20/20 split when K = 5.
     """
