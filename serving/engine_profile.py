@@ -1,8 +1,9 @@
 """Iteration-time model of a continuous-batching engine: ``t = f(prefill tokens, decode sequences, KV tokens)``.
 
-A profile is a small JSON file (``serving/profiles/<name>.json``) written by ``tempo.serving.profile_fit``
-from measured per-layer operation times (Vidur's GPU profiles in ``data/gpu_profiles``). One engine step
-costs:
+A profile is a small JSON file (``serving/profiles/<name>.json``) written by ``tempo profile fit``: GPU
+profiles from measured per-layer operation times (Vidur's, in ``data/gpu_profiles``; ``profile_fit``), the
+CPU profile from whole steps of the real vLLM-CPU engine (``profile_fit_measured``, where every term below
+is fitted, the hardware rates included). One engine step costs:
 
 - **linear layers** (QKV/O projections, MLP, norms, rotary, residual adds) of all layers: a piecewise-linear
   function of the batch's token count, fitted to the measurements (the only measured term);
@@ -10,7 +11,8 @@ costs:
 - **prefill attention**: the causal attention FLOPs of the prefill chunks at the GEMM rate the same
   measurements reach, or the prior-context KV read, whichever is slower (roofline);
 - **KV write**, **LM head** (weight read or GEMM, roofline), **tensor-parallel all-reduces** (ring over
-  NVLink) and **swap** traffic over PCIe: analytic, from datasheet figures recorded in the profile.
+  NVLink) and **swap** traffic over PCIe: analytic, from datasheet figures recorded in the profile;
+- **host work per sampled sequence** (``per_sampled_s``): measured on the CPU engine, 0 in GPU profiles.
 
 Everything here is plain arithmetic so the simulator can call it every step.
 """
@@ -90,6 +92,7 @@ class Profile:
     knots: tuple[float, ...]  # batch token counts
     linear_s: tuple[float, ...]  # seconds of all linear layers at each knot (piecewise linear between)
     fit: dict[str, Any]  # how the fit was made and its error on held-back rows
+    per_sampled_s: float = 0.0  # host work per sequence that samples a token (measured CPU engines; GPU: 0)
 
     # ----------------------------------------------------------------- terms
     def linear_time(self, tokens: int) -> float:
@@ -138,6 +141,7 @@ class Profile:
             t += layers * max(flops / hw.gemm_flops, prefill_ctx_tokens * kv_layer / bw)
         rows = decode_seqs if sampled is None else sampled
         if rows:
+            t += rows * self.per_sampled_s
             head_weights = arch.vocab_size * arch.n_embd * arch.dtype_bytes / arch.tp
             t += max(head_weights / bw, 2.0 * rows * arch.vocab_size * arch.n_embd / arch.tp / hw.gemm_flops)
         if arch.tp > 1 and tokens:
@@ -176,7 +180,7 @@ class Profile:
             "arch": asdict(self.arch),
             "hw": asdict(self.hw),
             "engine": asdict(self.engine),
-            "linear": {"knots": list(self.knots), "seconds": list(self.linear_s)},
+            "linear": {"knots": list(self.knots), "seconds": list(self.linear_s), "per_sampled_s": self.per_sampled_s},
             "fit": self.fit,
         }
 
@@ -194,13 +198,14 @@ class Profile:
                 knots=knots,
                 linear_s=values,
                 fit=dict(raw.get("fit", {})),
+                per_sampled_s=float(raw["linear"].get("per_sampled_s", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TempoError(f"malformed engine profile: {exc}") from None
         if len(knots) < 2 or len(knots) != len(values) or any(b <= a for a, b in pairwise(knots)):
             raise TempoError(f"profile {profile.name}: knots must be increasing and match the values")
-        if any(v <= 0 for v in values):
-            raise TempoError(f"profile {profile.name}: linear-layer times must be > 0")
+        if any(v <= 0 for v in values) or profile.per_sampled_s < 0:
+            raise TempoError(f"profile {profile.name}: linear-layer times must be > 0 (per_sampled_s >= 0)")
         return profile
 
     def with_engine(self, **changes: int) -> Profile:

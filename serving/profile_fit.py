@@ -1,7 +1,7 @@
 """Fit the engine profiles in ``serving/profiles/`` from Vidur's measured GPU layer times.
 
-    python -m tempo.serving.profile_fit            # re-fit every shipped profile, print the errors
-    python -m tempo.serving.profile_fit --check    # fit and compare with the shipped files, write nothing
+    tempo profile fit            # re-fit every shipped profile (these and the measured CPU ones), print the errors
+    tempo profile fit --check    # fit and compare with the shipped files, write nothing
 
 Measured (``data/gpu_profiles/*_mlp.csv.gz``, Vidur @ 7d47513): the median time of each non-attention
 operation of one transformer layer by batch token count and tensor-parallel degree. As in Vidur's
@@ -23,10 +23,8 @@ the projections at the largest profiled token count over their measured time.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import gzip
-import json
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -35,7 +33,6 @@ from pathlib import Path
 import numpy as np
 from tempo.data import data_path
 from tempo.serving.engine_profile import (
-    PROFILES_DIR,
     Architecture,
     EngineConfig,
     Hardware,
@@ -247,31 +244,10 @@ def fit_profile(spec: ProfileSpec, data_dir: Path | None = None) -> Profile:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, default=PROFILES_DIR, help="folder to write <name>.json into")
-    parser.add_argument("--check", action="store_true", help="compare with the shipped files; write nothing")
-    args = parser.parse_args(argv)
-    stale = []
-    for spec in SPECS:
-        profile = fit_profile(spec)
-        text = json.dumps(profile.to_dict(), indent=1) + "\n"
-        target = args.out / f"{spec.name}.json"
-        f = profile.fit
-        print(
-            f"{spec.name:22s} held-back MAPE {f['held_back_mape_pct']:.2f}% (max {f['held_back_max_ape_pct']:.2f}%, "
-            f"<= budget {f['held_back_mape_within_budget_pct']:.2f}%) on {f['held_back_rows']} rows; "
-            f"GEMM {f['gemm_rate_tflops']} TFLOP/s; KV {f['kv_tokens']} tokens"
-        )
-        if args.check:
-            if not target.is_file() or target.read_text(encoding="utf-8") != text:
-                stale.append(spec.name)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
-    if stale:
-        print(f"stale profiles: {', '.join(stale)}", file=sys.stderr)
-        return 1
-    return 0
+    """``python -m tempo.serving.profile_fit [--check]``: the same as ``tempo profile fit [--check]``."""
+    from tempo.cli import main as tempo_main
+
+    return tempo_main(["profile", "fit", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import typer
 from tempo.errors import TempoError
 from tempo.estimator.cli import estimator_app
 from tempo.serving.cli import make_console, print_summary, workload_app
+from tempo.serving.profile_cli import profile_app
 
 app = typer.Typer(
     name="tempo",
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 app.add_typer(workload_app, name="workload")
 app.add_typer(estimator_app, name="estimator")
+app.add_typer(profile_app, name="profile")
 
 
 from tempo.serving.bench_cli import bench_command  # noqa: E402  (the bench command lives with the benchmark)
