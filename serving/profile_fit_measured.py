@@ -126,9 +126,9 @@ def _solve_linear(rows: list[StepRow], base: Profile, knots: np.ndarray) -> tupl
     w = 1.0 / y
     coef, *_ = np.linalg.lstsq(design * w[:, None], (y - analytic) * w, rcond=None)
     values = np.maximum(coef[:-1], 1e-6)  # a step costs something at every size
-    per_seq = max(float(coef[-1]), 0.0)
-    fitted = replace(base, linear_s=tuple(round(float(v), 9) for v in values), per_sampled_s=round(per_seq, 9))
-    loss = float(np.mean(((design @ np.append(values, per_seq) + analytic) * w - 1.0) ** 2))
+    per_sampled = max(float(coef[-1]), 0.0)
+    fitted = replace(base, linear_s=tuple(round(float(v), 9) for v in values), per_sampled_s=round(per_sampled, 9))
+    loss = float(np.mean(((design @ np.append(values, per_sampled) + analytic) * w - 1.0) ** 2))
     return fitted, loss
 
 
@@ -189,6 +189,8 @@ def fit_measured_profile(measured: dict[str, Any], name: str, source: str) -> Pr
     except (KeyError, TypeError, ValueError) as exc:
         raise TempoError(f"malformed measurement file: missing or bad {exc}") from None
     workloads = sorted({r.workload for r in rows})
+    if len(workloads) < HELD_BACK_EVERY:
+        raise TempoError(f"need at least {HELD_BACK_EVERY} workloads to hold one back, got {len(workloads)}")
     held_names = set(workloads[HELD_BACK_EVERY // 2 :: HELD_BACK_EVERY])
     fit_rows = [r for r in rows if r.workload not in held_names]
     held_rows = [r for r in rows if r.workload in held_names]
@@ -209,7 +211,7 @@ def fit_measured_profile(measured: dict[str, Any], name: str, source: str) -> Pr
         for kind in ("decode", "prefill", "mixed")
         if (sub := [r for r in held_rows if r.kind == kind])
     }
-    held = _errors(held_rows, profile) if held_rows else {}
+    held = _errors(held_rows, profile)
     weights_mib = parameter_count(
         {"n_embd": arch.n_embd, "n_head": arch.n_head, "n_kv_head": arch.n_kv_head,
          "n_expanded_embd": arch.n_expanded_embd, "vocab_size": arch.vocab_size, "gated": 1},
@@ -230,8 +232,8 @@ def fit_measured_profile(measured: dict[str, Any], name: str, source: str) -> Pr
         "fit_rows": len(fit_rows),
         "held_back_rows": len(held_rows),
         "held_back_rule": f"every {HELD_BACK_EVERY}th workload (by name), whole",
-        "held_back_mape_pct": held.get("mape_pct"),
-        "held_back_max_ape_pct": held.get("max_ape_pct"),
+        "held_back_mape_pct": held["mape_pct"],
+        "held_back_max_ape_pct": held["max_ape_pct"],
         "held_back_by_kind": by_kind,
         "fit_rows_mape_pct": _errors(fit_rows, profile)["mape_pct"],
         "kv_read_GBps": round(profile.hw.mem_bw_Bps / 1e9, 2),
@@ -247,7 +249,9 @@ def fit_measured_profile(measured: dict[str, Any], name: str, source: str) -> Pr
             "nvlink/all-reduce: unused (one process, no tensor parallelism)."
         ),
     }
-    description = f"tiny Llama ({arch.n_layers} layers, d={arch.n_embd}, float32) on vLLM-CPU, {hw.name}"
+    kind = str(measured["model"].get("model_type", "model")).capitalize()
+    dtype = engine_raw.get("dtype", "float32")
+    description = f"{kind} ({arch.n_layers} layers, d={arch.n_embd}, {dtype}) on vLLM-CPU, {hw.name}"
     return replace(profile, description=description, fit=fit)
 
 

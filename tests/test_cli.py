@@ -16,7 +16,7 @@ from tempo.cli import main
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("workload", "estimator", "bench", "serve", "demo"):
+    for name in ("workload", "estimator", "profile", "bench", "serve", "demo"):
         assert name in out
 
 

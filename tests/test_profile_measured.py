@@ -4,6 +4,7 @@ profile from its own step times, and the shipped profile re-fits identically fro
 from __future__ import annotations
 
 import json
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from tempo.serving.profile_cli import MEASURED_PROFILES, shipped_profiles
 from tempo.serving.profile_fit_measured import architecture, fit_measured_profile, power_knots
 from tempo.serving.vllm_measure import MEASURED_FIELDS, StepShape, shape_of_step
 
+from tempo.cli import main
 from tempo.errors import TempoError
 
 TINY_CONFIG = {
@@ -97,6 +99,18 @@ def test_the_shipped_cpu_profile_reproduces_from_its_measurements() -> None:
     assert MEASURED_PROFILES["cpu-tiny-llama"].is_file()
     refit = next(p for p in shipped_profiles() if p.name == "cpu-tiny-llama").to_dict()
     assert refit == json.loads((PROFILES_DIR / "cpu-tiny-llama.json").read_text())
+
+
+def test_profile_cli_checks_and_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["profile", "fit", "--check"]) == 0  # every shipped profile is what its generator writes
+    assert "cpu-tiny-llama         held-back MAPE" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1]")
+    assert main(["profile", "fit", "--measured", str(bad)]) == 2
+    assert "expected a measurement object" in capsys.readouterr().err
+    if find_spec("vllm") is None:
+        assert main(["profile", "measure-vllm", "--out", str(tmp_path / "m.json")]) == 2
+        assert "make vllm" in capsys.readouterr().err
 
 
 def test_the_cpu_profile_is_accurate_on_held_back_workloads() -> None:
