@@ -21,7 +21,7 @@ import platform
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,6 @@ class MeasureConfig:
     decode_contexts: tuple[int, ...] = (32, 512, 2000)
     decode_outputs: int = 12
     max_kv_tokens: int = 600_000  # skip decode workloads whose prompts would not fit the KV cache
-    workloads: list[Workload] = field(default_factory=list)
 
     def plan(self) -> list[Workload]:
         plan = [Workload("prefill", 1, p, 1) for p in self.prefill_lengths if p < self.max_model_len]
@@ -129,11 +128,11 @@ class MeasureConfig:
 
 
 def _engine(model: Path, cfg: MeasureConfig) -> Any:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: steps are timed here
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
     from vllm import LLM
 
-    llm = LLM(
+    return LLM(
         model=str(model),
         dtype="float32",
         max_model_len=cfg.max_model_len,
@@ -146,7 +145,6 @@ def _engine(model: Path, cfg: MeasureConfig) -> Any:
         scheduler_cls=recording_scheduler(),
         seed=cfg.seed,
     )
-    return llm
 
 
 def _scheduler(llm: Any) -> Any:
@@ -198,8 +196,8 @@ def machine_facts() -> dict[str, Any]:
 def measure(model: Path, cfg: MeasureConfig, progress: Any = None) -> dict[str, Any]:
     """Run every workload ``cfg.repeats`` times (after one warm-up pass); rows of shape + seconds."""
     llm = _engine(model, cfg)
-    hf = llm.llm_engine.vllm_config
-    vocab = hf.model_config.get_vocab_size()
+    config = llm.llm_engine.vllm_config
+    vocab = config.model_config.get_vocab_size()
     rng = random.Random(cfg.seed)
     plan = cfg.plan()
     for work in (Workload("prefill", 1, 512, 1), Workload("decode", 8, 64, 8), Workload("decode", 64, 256, 4)):
@@ -217,8 +215,8 @@ def measure(model: Path, cfg: MeasureConfig, progress: Any = None) -> dict[str, 
                              "seconds": round(seconds, 7)})
             if progress is not None:
                 progress.advance(task)
-    cache = hf.cache_config
-    sched = hf.scheduler_config
+    cache = config.cache_config
+    sched = config.scheduler_config
     return {
         "machine": machine_facts(),
         "engine": {
@@ -226,11 +224,11 @@ def measure(model: Path, cfg: MeasureConfig, progress: Any = None) -> dict[str, 
             "kv_blocks": cache.num_gpu_blocks,
             "token_budget": sched.max_num_batched_tokens,
             "max_running": sched.max_num_seqs,
-            "max_model_len": hf.model_config.max_model_len,
+            "max_model_len": config.model_config.max_model_len,
             "kv_cache_gib": cfg.kv_cache_gib,
             "dtype": "float32",
         },
         "model": json.loads((model / "config.json").read_text()),
-        "config": {k: v for k, v in asdict(cfg).items() if k != "workloads"},
+        "config": asdict(cfg),
         "rows": rows,
     }
