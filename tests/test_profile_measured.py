@@ -125,7 +125,7 @@ def test_the_cpu_profile_is_accurate_on_held_back_workloads() -> None:
     assert p.prefill_time(4000) > 2 * p.prefill_time(1000)  # causal attention: more than linear
 
 
-@pytest.mark.slow
+@pytest.mark.vllm
 def test_measuring_the_real_engine_accounts_for_every_token(tmp_path: Path) -> None:
     """With the 'vllm' extra (``make vllm``): the recorded steps hold exactly the workloads' tokens."""
     pytest.importorskip("vllm")
