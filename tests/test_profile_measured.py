@@ -148,3 +148,21 @@ def test_measuring_the_real_engine_accounts_for_every_token(tmp_path: Path) -> N
         assert sum(r["decode_seqs"] for r in rows) == work.seqs * (work.output_tokens - 1)
         assert sum(r["sampled"] for r in rows) == work.seqs * work.output_tokens
         assert max(r["prefill_tokens"] + r["decode_seqs"] for r in rows) <= 2048
+
+
+@pytest.mark.vllm
+def test_the_tiny_model_cache_is_reused_and_rebuilt_when_altered(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from tempo.serving.tiny_llm import STAMP, TinyLlamaRecipe, ensure_tiny_llama
+
+    recipe = TinyLlamaRecipe(num_hidden_layers=1, tokenizer_prompts=200)
+    folder = ensure_tiny_llama(tmp_path / "tiny", recipe)
+    weights = folder / "model.safetensors"
+    stamp = json.loads((folder / STAMP).read_text())
+    assert set(stamp["sha256"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    built = weights.stat().st_mtime_ns
+    assert ensure_tiny_llama(tmp_path / "tiny", recipe) == folder and weights.stat().st_mtime_ns == built
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-8] + b"\0" * 8)  # altered after the build
+    ensure_tiny_llama(tmp_path / "tiny", recipe)
+    assert weights.read_bytes() == original  # rebuilt: same seed, same bytes
