@@ -12,8 +12,8 @@ import typer
 
 from tempo.errors import TempoError
 from tempo.estimator.cli import estimator_app
-from tempo.serving.cli import make_console, print_summary, workload_app
-from tempo.serving.profile_cli import profile_app
+from tempo.serving.workloads.cli import make_console, print_summary, workload_app
+from tempo.serving.profiles.cli import profile_app
 
 app = typer.Typer(
     name="tempo",
@@ -27,7 +27,7 @@ app.add_typer(estimator_app, name="estimator")
 app.add_typer(profile_app, name="profile")
 
 
-from tempo.serving.bench_cli import bench_command  # noqa: E402  (the bench command lives with the benchmark)
+from tempo.serving.bench.cli import bench_command  # noqa: E402  (the bench command lives with the benchmark)
 
 app.command("bench")(bench_command)
 
@@ -45,9 +45,9 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """The main job end to end: for now, build a mixed workload from real data and summarise it."""
-    from tempo.serving.workload_builder import WorkloadSpec, build_workload
-    from tempo.serving.workload_sources import azure_conv_trace_path
-    from tempo.serving.workload_stats import summarize
+    from tempo.serving.workloads.builder import WorkloadSpec, build_workload
+    from tempo.serving.workloads.sources import azure_conv_trace_path
+    from tempo.serving.workloads.stats import summarize
 
     spec = WorkloadSpec(rps=rps, duration_s=duration, arrivals=str(azure_conv_trace_path()), seed=seed)
     console = make_console()

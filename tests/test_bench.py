@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from tempo.scheduler.bounds import BoundProvider, BoundQuery
 from tempo.scheduler.slo import SLOClass
-from tempo.serving.bench import BenchConfig, BenchOut, PolicySpec, parse_policies, run_bench
-from tempo.serving.bound_providers import (
+from tempo.serving.bench.benchmark import BenchConfig, BenchOut, PolicySpec, parse_policies, run_bench
+from tempo.serving.bounds.providers import (
     EmpiricalProvider,
     FixedProvider,
     OracleProvider,
@@ -20,8 +20,8 @@ from tempo.serving.bound_providers import (
     register_provider,
     training_workload,
 )
-from tempo.serving.workload_builder import WorkloadSpec, build_workload
-from tempo.serving.workload_sources import azure_conv_trace_path
+from tempo.serving.workloads.builder import WorkloadSpec, build_workload
+from tempo.serving.workloads.sources import azure_conv_trace_path
 
 from tempo.cli import main
 from tempo.errors import TempoError

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tempo.serving.workload_sources import azure_conv_trace_path
+from tempo.serving.workloads.sources import azure_conv_trace_path
 
 from tempo.cli import main
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tempo.serving.engine_profile import PROFILES_DIR, EngineConfig, Hardware, Profile, load_profile
-from tempo.serving.profile_cli import MEASURED_PROFILES, shipped_profiles
-from tempo.serving.profile_fit_measured import architecture, fit_measured_profile, power_knots
-from tempo.serving.vllm_measure import MEASURED_FIELDS, StepShape, shape_of_step
+from tempo.serving.profiles.profile import PROFILES_DIR, EngineConfig, Hardware, Profile, load_profile
+from tempo.serving.profiles.cli import MEASURED_PROFILES, shipped_profiles
+from tempo.serving.profiles.fit_measured import architecture, fit_measured_profile, power_knots
+from tempo.serving.vllm.measure import MEASURED_FIELDS, StepShape, shape_of_step
 
 from tempo.cli import main
 from tempo.errors import TempoError
@@ -129,8 +129,8 @@ def test_the_cpu_profile_is_accurate_on_held_back_workloads() -> None:
 def test_measuring_the_real_engine_accounts_for_every_token(tmp_path: Path) -> None:
     """With the 'vllm' extra (``make vllm``): the recorded steps hold exactly the workloads' tokens."""
     pytest.importorskip("vllm")
-    from tempo.serving.tiny_llm import TinyLlamaRecipe, ensure_tiny_llama
-    from tempo.serving.vllm_measure import MeasureConfig, measure
+    from tempo.serving.checkpoints.tiny_llama import TinyLlamaRecipe, ensure_tiny_llama
+    from tempo.serving.vllm.measure import MeasureConfig, measure
 
     model = ensure_tiny_llama(tmp_path / "tiny", TinyLlamaRecipe(num_hidden_layers=1, tokenizer_prompts=300))
     cfg = MeasureConfig(repeats=1, kv_cache_gib=1, prefill_lengths=(40, 2500), decode_batches=(3,),
@@ -153,7 +153,7 @@ def test_measuring_the_real_engine_accounts_for_every_token(tmp_path: Path) -> N
 @pytest.mark.vllm
 def test_the_tiny_model_cache_is_reused_and_rebuilt_when_altered(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    from tempo.serving.tiny_llm import STAMP, TinyLlamaRecipe, ensure_tiny_llama
+    from tempo.serving.checkpoints.tiny_llama import STAMP, TinyLlamaRecipe, ensure_tiny_llama
 
     recipe = TinyLlamaRecipe(num_hidden_layers=1, tokenizer_prompts=200)
     folder = ensure_tiny_llama(tmp_path / "tiny", recipe)

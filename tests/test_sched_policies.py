@@ -15,7 +15,7 @@ from tempo.scheduler.planning import WATERMARK_FRACTION, kv_need
 from tempo.scheduler.registry import PolicyContext, make_policy, needs_truth, policy_names, register_policy
 from tempo.scheduler.slo import SLOClass
 from tempo.scheduler.testing import make_limits, make_snapshot, make_state
-from tempo.serving.sim_testing import noisy_ladders, random_workload, simulate, small_profile
+from tempo.serving.sim.testing import noisy_ladders, random_workload, simulate, small_profile
 
 POLICIES = policy_names()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from tempo.scheduler.registry import policy_names
-from tempo.serving.engine_profile import Profile
-from tempo.serving.sim_testing import make_request, random_workload, simulate, small_profile
-from tempo.serving.simulator import PolicyError, Simulator
+from tempo.serving.profiles.profile import Profile
+from tempo.serving.sim.testing import make_request, random_workload, simulate, small_profile
+from tempo.serving.sim.simulator import PolicyError, Simulator
 
 
 def expected_times(profile: Profile, prompt: int, output: int) -> list[float]:
@@ -98,7 +98,7 @@ def test_step_noise_comes_from_the_injected_generator() -> None:
 
     def run(seed: int) -> list[tuple[float, ...]]:
         from tempo.scheduler.registry import make_policy
-        from tempo.serving.sim_testing import noisy_ladders
+        from tempo.serving.sim.testing import noisy_ladders
 
         ladders = noisy_ladders(workload, np.random.default_rng(0))
         sim = Simulator(workload, ladders, make_policy("fcfs"), profile, rng=np.random.default_rng(seed),

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from tempo.data.castillo import DEGENERATE_LENGTH, load_length_rows
 from tempo.scheduler.slo import SLOClass
-from tempo.serving.workload import WorkloadRequest, read_workload, write_workload
-from tempo.serving.workload_builder import ClassMix, WorkloadSpec, build_workload
-from tempo.serving.workload_sources import (
+from tempo.serving.workloads.format import WorkloadRequest, read_workload, write_workload
+from tempo.serving.workloads.builder import ClassMix, WorkloadSpec, build_workload
+from tempo.serving.workloads.sources import (
     azure_conv_trace_path,
     load_arrival_trace,
     load_workflows,
     poisson_arrivals,
     trace_arrivals,
 )
-from tempo.serving.workload_stats import stage_structure_errors, summarize
+from tempo.serving.workloads.stats import stage_structure_errors, summarize
 
 from tempo.errors import TempoError
 

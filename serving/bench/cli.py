@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from tempo.serving.bench import (
+from tempo.serving.bench.benchmark import (
     BASELINES,
     DEFAULT_LOAD_FACTORS,
     DEFAULT_POLICIES,
@@ -22,9 +22,9 @@ from tempo.serving.bench import (
     parse_policies,
     run_bench,
 )
-from tempo.serving.cli import make_console, parse_tiers
-from tempo.serving.engine_profile import DEFAULT_PROFILE, profile_names
-from tempo.serving.workload_builder import DEFAULT_MODEL
+from tempo.serving.workloads.cli import make_console, parse_tiers
+from tempo.serving.profiles.profile import DEFAULT_PROFILE, profile_names
+from tempo.serving.workloads.builder import DEFAULT_MODEL
 
 from tempo.errors import TempoError
 
@@ -111,7 +111,7 @@ def bench_command(
         prompt_split=prompt_split,
     )
     if find_capacity:
-        from tempo.serving.bench import find_capacity as measure
+        from tempo.serving.bench.benchmark import find_capacity as measure
 
         found = measure(config)
         console.print(
@@ -134,7 +134,7 @@ def bench_command(
         if default_setting:
             saturation = DEFAULT_SATURATION_RPS
         else:
-            from tempo.serving.bench import find_capacity as measure
+            from tempo.serving.bench.benchmark import find_capacity as measure
 
             console.print("measuring the FCFS saturation rate of this setting first ...")
             saturation = measure(config)["saturation_rps"]
@@ -167,7 +167,7 @@ def bench_command(
 
         result = run_bench(config, saturation_rps=saturation, on_run=on_run, progress=on_progress)
 
-    from tempo.serving.bench_report import plot_bench, print_bench
+    from tempo.serving.bench.report import plot_bench, print_bench
 
     print_bench(result, console)
     missing = [b for b in BASELINES if b not in {s.name for s in specs}]
@@ -183,7 +183,7 @@ def bench_command(
 
 
 def _cost(policies: str, queued: str, profile: str, seed: int, json_out: Path | None, console: Console) -> None:
-    from tempo.serving.bench_cost import COST_POLICIES, reference_loop_ms, scheduler_cost
+    from tempo.serving.bench.cost import COST_POLICIES, reference_loop_ms, scheduler_cost
 
     names = [s.name for s in parse_policies(policies)] if policies != ",".join(DEFAULT_POLICIES) else list(
         COST_POLICIES

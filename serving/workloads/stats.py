@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 from tempo.scheduler.slo import SLOClass
-from tempo.serving.workload import WorkloadRequest
+from tempo.serving.workloads.format import WorkloadRequest
 
 PERCENTILES = (50, 90, 99)
 

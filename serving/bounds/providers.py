@@ -10,7 +10,7 @@
 - ``oracle``: the true length as a one-step ladder (analysis only; the oracle *policy* gets the truth
   separately, and the benchmark never hands this provider to a non-oracle policy by default).
 
-- ``learned``: issue #5's length model from prompt text (``learned_provider``), trained on CASTILLO's fit
+- ``learned``: issue #5's length model from prompt text (``tempo.serving.bounds.learned``), trained on CASTILLO's fit
   and calibration prompts of the workload's served models; compound calls keep the empirical ladders.
   Needs a workload of unseen prompts (``--prompt-split test``).
 
@@ -34,9 +34,9 @@ from tempo.data.castillo import LengthRow, load_length_rows, load_prompts
 from tempo.scheduler.bounds import BoundLadder, BoundProvider, BoundQuery
 from tempo.scheduler.jobs import JobGraph, JobProfile
 from tempo.scheduler.slo import SLOClass
-from tempo.serving.workload import WorkloadRequest
-from tempo.serving.workload_builder import WorkloadSpec, build_workload
-from tempo.serving.workload_sources import Workflow, load_workflows
+from tempo.serving.workloads.format import WorkloadRequest
+from tempo.serving.workloads.builder import WorkloadSpec, build_workload
+from tempo.serving.workloads.sources import Workflow, load_workflows
 
 from tempo.errors import TempoError
 
@@ -193,7 +193,7 @@ def _oracle(ctx: ProviderContext) -> BoundProvider:
 
 
 def _learned(ctx: ProviderContext) -> BoundProvider:
-    from tempo.serving.learned_provider import LearnedProvider, fit_learned
+    from tempo.serving.bounds.learned import LearnedProvider, fit_learned
 
     models = sorted({w.model for w in ctx.training if w.model})
     if not models:

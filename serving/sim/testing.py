@@ -8,10 +8,10 @@ import numpy as np
 from tempo.scheduler.bounds import BoundLadder
 from tempo.scheduler.registry import PolicyContext, make_policy, needs_truth
 from tempo.scheduler.slo import SLOClass
-from tempo.serving.bench import build_truth
-from tempo.serving.engine_profile import DEFAULT_PROFILE, Profile, load_profile
-from tempo.serving.simulator import SimResult, Simulator
-from tempo.serving.workload import WorkloadRequest
+from tempo.serving.bench.benchmark import build_truth
+from tempo.serving.profiles.profile import DEFAULT_PROFILE, Profile, load_profile
+from tempo.serving.sim.simulator import SimResult, Simulator
+from tempo.serving.workloads.format import WorkloadRequest
 
 
 def make_request(

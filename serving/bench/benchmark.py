@@ -27,7 +27,7 @@ from tempo.scheduler.bounds import BoundLadder
 from tempo.scheduler.goodput import GoodputReport, account, delivered_tokens
 from tempo.scheduler.jobs import OracleTruth
 from tempo.scheduler.registry import PolicyContext, make_policy, needs_truth, policy_names
-from tempo.serving.bound_providers import (
+from tempo.serving.bounds.providers import (
     ProviderContext,
     build_cached,
     describe_provider,
@@ -37,11 +37,11 @@ from tempo.serving.bound_providers import (
     queries_for,
     training_workload,
 )
-from tempo.serving.engine_profile import DEFAULT_PROFILE, Profile, load_profile
-from tempo.serving.simulator import SimResult, Simulator
-from tempo.serving.workload import WorkloadRequest, read_workload
-from tempo.serving.workload_builder import ClassMix, WorkloadSpec
-from tempo.serving.workload_sources import azure_conv_trace_path
+from tempo.serving.profiles.profile import DEFAULT_PROFILE, Profile, load_profile
+from tempo.serving.sim.simulator import SimResult, Simulator
+from tempo.serving.workloads.format import WorkloadRequest, read_workload
+from tempo.serving.workloads.builder import ClassMix, WorkloadSpec
+from tempo.serving.workloads.sources import azure_conv_trace_path
 
 from tempo.errors import TempoError
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from tempo.serving.engine_profile import PROFILES_DIR, Profile
+from tempo.serving.profiles.profile import PROFILES_DIR, Profile
 
 from tempo.errors import TempoError
 
@@ -39,8 +39,8 @@ def measure_vllm(
     """
     from importlib.util import find_spec
 
-    from tempo.serving.tiny_llm import ensure_tiny_llama
-    from tempo.serving.vllm_measure import MeasureConfig, measure
+    from tempo.serving.checkpoints.tiny_llama import ensure_tiny_llama
+    from tempo.serving.vllm.measure import MeasureConfig, measure
 
     if find_spec("vllm") is None:
         raise TempoError("measuring needs vLLM: 'make vllm', then run .venv-vllm/bin/tempo profile measure-vllm")
@@ -61,8 +61,8 @@ def measure_vllm(
 
 def shipped_profiles() -> list[Profile]:
     """Every shipped profile, fitted afresh: GPU ones from Vidur's layer times, CPU ones from measured steps."""
-    from tempo.serving.profile_fit import SPECS, fit_profile
-    from tempo.serving.profile_fit_measured import fit_measured_profile, load_measurements
+    from tempo.serving.profiles.fit_gpu import SPECS, fit_profile
+    from tempo.serving.profiles.fit_measured import fit_measured_profile, load_measurements
 
     profiles = [fit_profile(spec) for spec in SPECS]
     for name, path in MEASURED_PROFILES.items():
@@ -92,7 +92,7 @@ def fit(
 ) -> None:
     """Re-fit the shipped profiles (or one from --measured) and print each fit's error on held-back rows."""
     if measured is not None:
-        from tempo.serving.profile_fit_measured import fit_measured_profile, load_measurements
+        from tempo.serving.profiles.fit_measured import fit_measured_profile, load_measurements
 
         label = name or measured.stem
         profiles = [fit_measured_profile(load_measurements(measured), label, str(measured))]

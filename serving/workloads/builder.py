@@ -27,8 +27,8 @@ from tempo.scheduler.slo import (
     DEFAULT_TTFT_S,
     SLOClass,
 )
-from tempo.serving.workload import WorkloadRequest
-from tempo.serving.workload_sources import (
+from tempo.serving.workloads.format import WorkloadRequest
+from tempo.serving.workloads.sources import (
     Workflow,
     load_arrival_trace,
     load_workflows,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from tempo.data import data_path
-from tempo.serving.engine_profile import (
+from tempo.serving.profiles.profile import (
     Architecture,
     EngineConfig,
     Hardware,
@@ -244,7 +244,7 @@ def fit_profile(spec: ProfileSpec, data_dir: Path | None = None) -> Profile:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tempo.serving.profile_fit [--check]``: the same as ``tempo profile fit [--check]``."""
+    """``python -m tempo.serving.profiles.fit_gpu [--check]``: the same as ``tempo profile fit [--check]``."""
     from tempo.cli import main as tempo_main
 
     return tempo_main(["profile", "fit", *(sys.argv[1:] if argv is None else argv)])

@@ -4,7 +4,7 @@ The engine mirrors vLLM v1's loop (``EngineCore.step``: schedule, execute, updat
 as Sarathi-Serve, a paged KV cache of fixed capacity (blocks of ``block_size`` tokens), preemption by
 recompute (drop the KV, prefill prompt + output again) or swap (copy the KV over PCIe and back), and an
 iteration time from an engine profile: ``t = f(prefill tokens, decode sequences, KV tokens)``
-(``tempo.serving.engine_profile``). It replays a workload file: compound calls are released when the calls
+(``tempo.serving.profiles.profile``). It replays a workload file: compound calls are released when the calls
 they depend on finish. The true output length is the engine's alone: the policy sees bounds.
 
 Events sit in one heap keyed ``(time, kind rank, sequence)``: at equal times arrivals are handled before
@@ -37,8 +37,8 @@ from tempo.scheduler.interface import (
     victim_order,
 )
 from tempo.scheduler.planning import WATERMARK_FRACTION
-from tempo.serving.engine_profile import Profile
-from tempo.serving.workload import WorkloadRequest
+from tempo.serving.profiles.profile import Profile
+from tempo.serving.workloads.format import WorkloadRequest
 
 ARRIVAL, STEP_END = 0, 1  # event kind ranks: arrivals first at equal times
 RECENT_STEPS = 16  # steps in the measured step-time average the policy sees

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from tempo.serving.bench import BASELINES, BenchOut, RateSummary, RunOut
+from tempo.serving.bench.benchmark import BASELINES, BenchOut, RateSummary, RunOut
 
 CLASS_SHORT = {"latency": "L", "deadline": "D", "compound": "C", "best_effort": "B"}
 

