@@ -12,8 +12,8 @@ import typer
 
 from tempo.errors import TempoError
 from tempo.estimator.cli import estimator_app
-from tempo.serving.workloads.cli import make_console, print_summary, workload_app
 from tempo.serving.profiles.cli import profile_app
+from tempo.serving.workloads.cli import make_console, print_summary, workload_app
 
 app = typer.Typer(
     name="tempo",

@@ -8,8 +8,8 @@ import pytest
 from tempo.data.castillo import load_length_rows, load_prompts, prompt_split
 from tempo.scheduler.bounds import BoundLadder, BoundQuery
 from tempo.scheduler.slo import SLOClass
-from tempo.serving.bounds.providers import FixedProvider
 from tempo.serving.bounds.learned import LearnedProvider, fit_learned
+from tempo.serving.bounds.providers import FixedProvider
 
 from tempo.errors import TempoError
 

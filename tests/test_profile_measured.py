@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tempo.serving.profiles.profile import PROFILES_DIR, EngineConfig, Hardware, Profile, load_profile
 from tempo.serving.profiles.cli import MEASURED_PROFILES, shipped_profiles
 from tempo.serving.profiles.fit_measured import architecture, fit_measured_profile, power_knots
+from tempo.serving.profiles.profile import PROFILES_DIR, EngineConfig, Hardware, Profile, load_profile
 from tempo.serving.vllm.measure import MEASURED_FIELDS, StepShape, shape_of_step
 
 from tempo.cli import main

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from tempo.scheduler.registry import policy_names
 from tempo.serving.profiles.profile import Profile
-from tempo.serving.sim.testing import make_request, random_workload, simulate, small_profile
 from tempo.serving.sim.simulator import PolicyError, Simulator
+from tempo.serving.sim.testing import make_request, random_workload, simulate, small_profile
 
 
 def expected_times(profile: Profile, prompt: int, output: int) -> list[float]:

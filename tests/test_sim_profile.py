@@ -7,8 +7,8 @@ import json
 from itertools import pairwise
 
 import pytest
-from tempo.serving.profiles.profile import PROFILES_DIR, Profile, load_profile, profile_names
 from tempo.serving.profiles.fit_gpu import SPECS, fit_profile
+from tempo.serving.profiles.profile import PROFILES_DIR, Profile, load_profile, profile_names
 
 from tempo.errors import TempoError
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from tempo.data.castillo import DEGENERATE_LENGTH, load_length_rows
 from tempo.scheduler.slo import SLOClass
-from tempo.serving.workloads.format import WorkloadRequest, read_workload, write_workload
 from tempo.serving.workloads.builder import ClassMix, WorkloadSpec, build_workload
+from tempo.serving.workloads.format import WorkloadRequest, read_workload, write_workload
 from tempo.serving.workloads.sources import (
     azure_conv_trace_path,
     load_arrival_trace,

@@ -39,8 +39,8 @@ from tempo.serving.bounds.providers import (
 )
 from tempo.serving.profiles.profile import DEFAULT_PROFILE, Profile, load_profile
 from tempo.serving.sim.simulator import SimResult, Simulator
-from tempo.serving.workloads.format import WorkloadRequest, read_workload
 from tempo.serving.workloads.builder import ClassMix, WorkloadSpec
+from tempo.serving.workloads.format import WorkloadRequest, read_workload
 from tempo.serving.workloads.sources import azure_conv_trace_path
 
 from tempo.errors import TempoError

@@ -22,9 +22,9 @@ from tempo.serving.bench.benchmark import (
     parse_policies,
     run_bench,
 )
-from tempo.serving.workloads.cli import make_console, parse_tiers
 from tempo.serving.profiles.profile import DEFAULT_PROFILE, profile_names
 from tempo.serving.workloads.builder import DEFAULT_MODEL
+from tempo.serving.workloads.cli import make_console, parse_tiers
 
 from tempo.errors import TempoError
 

@@ -34,8 +34,8 @@ from tempo.data.castillo import LengthRow, load_length_rows, load_prompts
 from tempo.scheduler.bounds import BoundLadder, BoundProvider, BoundQuery
 from tempo.scheduler.jobs import JobGraph, JobProfile
 from tempo.scheduler.slo import SLOClass
-from tempo.serving.workloads.format import WorkloadRequest
 from tempo.serving.workloads.builder import WorkloadSpec, build_workload
+from tempo.serving.workloads.format import WorkloadRequest
 from tempo.serving.workloads.sources import Workflow, load_workflows
 
 from tempo.errors import TempoError

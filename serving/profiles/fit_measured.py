@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tempo.serving.profiles.profile import Architecture, EngineConfig, Hardware, Profile
 from tempo.serving.profiles.fit_gpu import hat_basis, parameter_count
+from tempo.serving.profiles.profile import Architecture, EngineConfig, Hardware, Profile
 from tempo.serving.vllm.measure import MEASURED_FIELDS, StepShape
 
 from tempo.errors import TempoError

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
-from tempo.serving.workloads.format import read_workload, write_workload
 from tempo.serving.workloads.builder import DEFAULT_MODEL, ClassMix, WorkloadSpec, build_workload
+from tempo.serving.workloads.format import read_workload, write_workload
 from tempo.serving.workloads.stats import summarize
 
 workload_app = typer.Typer(help="Build mixed-class workloads from real data and summarise them.", no_args_is_help=True)
