@@ -12,10 +12,21 @@ Sarathi-Serve): walk ``Decision.run`` in order and (1) give every listed request
 token (paced requests only while within their pace), then (2) give listed requests that still have
 prompt (or recomputed) tokens to process a chunk of the remaining token budget, then (3) fill slots left
 with the paced decodes that are ahead of their pace; stop at ``max_running`` requests per step or when
-the budget is spent. A request holding
-KV blocks that is not listed is *paused*: it keeps its blocks and gets no tokens. When a decode needs a
-new KV block and none is free, the engine preempts ``victim_order(...)``'s first request, in
+the budget is spent. ``step_rules.plan_step`` is this rule as code; every engine uses it. A request
+holding KV blocks that is not listed is *paused*: it keeps its blocks and gets no tokens. When a decode
+needs a new KV block and none is free, the engine preempts ``victim_order(...)``'s first request, in
 ``Decision.preempt_mode``.
+
+What an engine keeps stable between steps, and policies may rely on:
+
+- **State identity**: while nothing about a request changed (no token, no KV change, no demotion, no
+  sibling released or finished), the engine hands over the *same* ``RequestState`` object; a new object
+  means something changed. Policies may key memoised per-request work on ``id(state)`` (``tempo_table``
+  does; a fresh object each time is correct but slow).
+- **Order**: ``Snapshot.requests`` lists resident requests first (in the engine's current order), then
+  swapped ones, then waiting ones by arrival.
+- **Ids**: a request id names one request for its whole life, and is never reused.
+- **Time**: ``Snapshot.now_s`` and every ``*_s`` field are on one clock, which never goes backwards.
 """
 
 from __future__ import annotations

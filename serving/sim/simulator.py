@@ -37,6 +37,7 @@ from tempo.scheduler.interface import (
     victim_order,
 )
 from tempo.scheduler.planning import WATERMARK_FRACTION
+from tempo.scheduler.step_rules import plan_step
 from tempo.serving.profiles.profile import Profile
 from tempo.serving.workloads.format import WorkloadRequest
 
@@ -560,83 +561,51 @@ class Simulator:
         return True
 
     def _schedule(self) -> tuple[list[_Req], list[tuple[_Req, int]], int]:
-        slots = self.cfg.max_running
-        budget = self.token_budget
-        elapsed = self.now - self.decided_at
-        decodes: list[_Req] = []
-        prefills: list[tuple[_Req, int]] = []
-        ahead: list[_Req] = []
-        scheduled: set[str] = set()
+        decodes, prefills = plan_step(self.run_order, self.cfg.max_running, self.token_budget,
+                                      self.now - self.decided_at, self._reserve_decode, self._reserve_chunk)
         running = Phase.RUNNING
-        for r in self.run_order:
-            if slots == 0 or budget == 0:
-                break
-            if r.phase is not running or r.generated == 0 or r.prompt + r.generated - r.computed != 1:
-                continue
-            rate = r.pace_rate
-            if rate is not None and r.used >= r.pace_owed + rate * elapsed:
-                ahead.append(r)
-                continue
-            if r.id not in self.resident:
-                continue  # evicted for a request earlier in this pass
-            if not self._grow(r, 1, scheduled):
-                continue
-            decodes.append(r)
-            scheduled.add(r.id)
-            slots -= 1
-            budget -= 1
-        for r in self.run_order:
-            if slots == 0 or budget <= 0:
-                break
-            if r.id in scheduled or r.rejected:
-                continue
-            phase = r.phase
-            if phase is Phase.SWAPPED:
-                if self.free_blocks - r.blocks >= self.watermark:
-                    self.free_blocks -= r.blocks
-                    self.swap_free += r.blocks
-                    self._pending_swap += r.blocks
-                    del self.swapped[r.id]
-                    r.phase = Phase.RUNNING
-                    self.resident[r.id] = r
-                    r.state = None
-                continue
-            pending = r.prompt + r.generated - r.computed
-            if phase is running and pending <= 1 and r.generated > 0:
-                continue  # a decode (handled above, or ahead of its pace)
-
-            chunk = min(pending, budget)
-            need = -(-(r.computed + chunk) // self.block) - r.blocks
-            reserve = self.watermark if phase is Phase.WAITING else 0
-            if need > self.free_blocks - reserve:
-                chunk = min(chunk, (r.blocks + self.free_blocks - reserve) * self.block - r.computed)
-                if chunk <= 0:
-                    continue
-                need = -(-(r.computed + chunk) // self.block) - r.blocks
-            if phase is Phase.WAITING:
-                del self.waiting[r.id]
-                r.phase = running
-                self.resident[r.id] = r
-            if need > 0:
-                self.free_blocks -= need
-                r.blocks += need
-            r.state = None
-            prefills.append((r, chunk))
-            scheduled.add(r.id)
-            slots -= 1
-            budget -= chunk
-        for r in ahead:
-            if slots == 0 or budget == 0:
-                break
-            if r.id not in self.resident or not self._grow(r, 1, scheduled):
-                continue
-            decodes.append(r)
-            scheduled.add(r.id)
-            slots -= 1
-            budget -= 1
         decodes = [r for r in decodes if r.phase is running and not r.rejected]
         prefills = [(r, c) for r, c in prefills if r.phase is running and not r.rejected]
         return decodes, prefills, self._pending_swap
+
+    def _reserve_decode(self, r: _Req, scheduled: set[str]) -> bool:
+        """The step rule's KV callback for a decode: still resident (not evicted earlier in this pass) and
+        a slot for its token, evicting others when needed."""
+        return r.id in self.resident and self._grow(r, 1, scheduled)
+
+    def _reserve_chunk(self, r: _Req, tokens: int) -> int:
+        """The step rule's KV callback for a prefill chunk: swapped requests are swapped back in (no tokens
+        this step); a waiting one is admitted when the chunk fits above the watermark."""
+        if r.rejected:
+            return 0
+        phase = r.phase
+        if phase is Phase.SWAPPED:
+            if self.free_blocks - r.blocks >= self.watermark:
+                self.free_blocks -= r.blocks
+                self.swap_free += r.blocks
+                self._pending_swap += r.blocks
+                del self.swapped[r.id]
+                r.phase = Phase.RUNNING
+                self.resident[r.id] = r
+                r.state = None
+            return 0
+        chunk = tokens
+        need = -(-(r.computed + chunk) // self.block) - r.blocks
+        reserve = self.watermark if phase is Phase.WAITING else 0
+        if need > self.free_blocks - reserve:
+            chunk = min(chunk, (r.blocks + self.free_blocks - reserve) * self.block - r.computed)
+            if chunk <= 0:
+                return 0
+            need = -(-(r.computed + chunk) // self.block) - r.blocks
+        if phase is Phase.WAITING:
+            del self.waiting[r.id]
+            r.phase = Phase.RUNNING
+            self.resident[r.id] = r
+        if need > 0:
+            self.free_blocks -= need
+            r.blocks += need
+        r.state = None
+        return chunk
 
     def _finish_step(self) -> None:
         t = self.now
