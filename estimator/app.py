@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tempo.estimator.batcher import MicroBatcher
-from tempo.estimator.engine import Estimator, FallbackBounds, ServedModel, pack_sketch, unpack_sketch
+from tempo.estimator.engine import Estimator, FallbackBounds, ServedModel
 from tempo.estimator.metrics import Message, Metrics, MetricsMiddleware, Scope
 from tempo.estimator.schemas import (
     ActivateResponse,
@@ -43,6 +43,7 @@ from tempo.estimator.settings import Settings, get_settings
 from tempo.estimator.store import REDIS_ERRORS, Store, UnknownVersion
 from tempo.estimator.worker import Background, OnlineWorker, RegistryWatcher
 from tempo.models.artifact import ArtifactError
+from tempo.models.features import pack_sketch, unpack_sketch
 from tempo.scheduler.bounds import BoundLadder
 
 from tempo.errors import TempoError

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -21,8 +21,12 @@ from tempo.scheduler.bounds import BoundLadder, BoundQuery
 class EstimatorClient:
     def __init__(self, base_url: str, timeout_s: float = 0.05, max_batch: int = 256, quantile: float = 0.9,
                  buffer_size: int = 10_000, max_connections: int = 16,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 fallback: Callable[[BoundQuery, int | None], BoundLadder] | None = None) -> None:
+        """``fallback(query, max_tokens)``: the ladder when the service fails (default: the per-class
+        q-quantile of the completions this client recorded, flagged ``fallback``)."""
         self.max_batch = max_batch
+        self.fallback_ladder = fallback
         self.quantile = quantile
         self.fallback = FallbackBounds(quantile)
         self.buffer: deque[dict[str, Any]] = deque()
@@ -62,6 +66,8 @@ class EstimatorClient:
                                 bool(e["fallback"])) for e in estimates]
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             self.fallbacks += len(queries)
+            if self.fallback_ladder is not None:
+                return [self.fallback_ladder(q, max_tokens[i] if max_tokens else None) for i, q in enumerate(queries)]
             return [BoundLadder.fixed(self.fallback.bound(q.slo_class.value), self.quantile, fallback=True)
                     for q in queries]
 

@@ -7,7 +7,6 @@ it started with, none is dropped.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import math
 import threading
@@ -20,7 +19,14 @@ from typing import Any
 import numpy as np
 from tempo.estimator.schemas import EstimateRequest, EstimateResponse
 from tempo.models.artifact import MANIFEST, ArtifactError, load_artifact
-from tempo.models.features import FeatureSpec, PromptSketch, RequestInfo, app_key, sketch_texts
+from tempo.models.features import (
+    FeatureSpec,
+    PromptSketch,
+    RequestInfo,
+    app_key,
+    sketch_texts,
+    unpack_sketch,
+)
 from tempo.models.length_bounds import LengthBoundModel
 from tempo.models.online import Observation, OnlineLengthLearner
 from tempo.scheduler.bounds import BoundLadder
@@ -106,27 +112,6 @@ class CoverageTracker:
     def summary(self, key: tuple[str, str]) -> tuple[float, float]:
         window = self.recent[key]
         return sum(c for c, _ in window) / len(window), sum(r for _, r in window) / len(window)
-
-
-def pack_sketch(sketch: PromptSketch, spec: FeatureSpec) -> dict[str, Any]:
-    """Compact JSON form for the stream: indices as base64 uint16, weights as base64 float16 (~4 bytes per
-    n-gram instead of ~13 as JSON lists; the weights only feed a projection)."""
-    if spec.n_hash > 1 << 16:
-        return dict(sketch.to_dict())
-    return {"idx": base64.b64encode(sketch.indices.astype("<u2").tobytes()).decode(),
-            "w": base64.b64encode(np.clip(sketch.weights, -6e4, 6e4).astype("<f2").tobytes()).decode(),
-            "n_chars": sketch.n_chars, "n_words": sketch.n_words, "n_newlines": sketch.n_newlines}
-
-
-def unpack_sketch(data: dict[str, Any], spec: FeatureSpec) -> PromptSketch:
-    """A sketch from a record, packed or as lists; ValueError / KeyError / TypeError when malformed."""
-    if "idx" in data:
-        data = {**data, "indices": np.frombuffer(base64.b64decode(data["idx"], validate=True), dtype="<u2"),
-                "weights": np.frombuffer(base64.b64decode(data["w"], validate=True), dtype="<f2")}
-    sketch = PromptSketch.from_dict(data, spec)
-    if not np.all(np.isfinite(sketch.weights)):
-        raise ValueError("sketch weights must be finite")
-    return sketch
 
 
 def estimate_prompt_tokens(request: EstimateRequest) -> int:

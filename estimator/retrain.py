@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tempo.estimator.engine import ServedModel, manifest_digest, unpack_sketch
+from tempo.estimator.engine import ServedModel, manifest_digest
 from tempo.estimator.settings import Settings
 from tempo.estimator.store import RETRAIN_GROUP, Store
 from tempo.models.artifact import save_artifact
-from tempo.models.features import FeatureSpec, RequestInfo
+from tempo.models.features import FeatureSpec, RequestInfo, unpack_sketch
 from tempo.models.length_bounds import LengthBoundModel, LengthSamples
 
 from tempo.errors import TempoError

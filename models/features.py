@@ -9,6 +9,7 @@ truncated SVD projection of the hashed n-grams, lives in the artifact.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -98,6 +99,27 @@ class PromptSketch:
         if indices.shape != weights.shape or (len(indices) and (indices.min() < 0 or indices.max() >= spec.n_hash)):
             raise ValueError("prompt sketch indices and weights disagree with the feature spec")
         return cls(indices, weights, int(data["n_chars"]), int(data["n_words"]), int(data["n_newlines"]))
+
+
+def pack_sketch(sketch: PromptSketch, spec: FeatureSpec) -> dict[str, Any]:
+    """Compact JSON form for the stream: indices as base64 uint16, weights as base64 float16 (~4 bytes per
+    n-gram instead of ~13 as JSON lists; the weights only feed a projection)."""
+    if spec.n_hash > 1 << 16:
+        return dict(sketch.to_dict())
+    return {"idx": base64.b64encode(sketch.indices.astype("<u2").tobytes()).decode(),
+            "w": base64.b64encode(np.clip(sketch.weights, -6e4, 6e4).astype("<f2").tobytes()).decode(),
+            "n_chars": sketch.n_chars, "n_words": sketch.n_words, "n_newlines": sketch.n_newlines}
+
+
+def unpack_sketch(data: dict[str, Any], spec: FeatureSpec) -> PromptSketch:
+    """A sketch from a record, packed or as lists; ValueError / KeyError / TypeError when malformed."""
+    if "idx" in data:
+        data = {**data, "indices": np.frombuffer(base64.b64decode(data["idx"], validate=True), dtype="<u2"),
+                "weights": np.frombuffer(base64.b64decode(data["w"], validate=True), dtype="<f2")}
+    sketch = PromptSketch.from_dict(data, spec)
+    if not np.all(np.isfinite(sketch.weights)):
+        raise ValueError("sketch weights must be finite")
+    return sketch
 
 
 def sketch_texts(texts: Sequence[str], spec: FeatureSpec) -> list[PromptSketch]:

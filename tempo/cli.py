@@ -32,10 +32,9 @@ from tempo.serving.bench.cli import bench_command  # noqa: E402  (the bench comm
 app.command("bench")(bench_command)
 
 
-@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def serve() -> None:
-    """OpenAI-compatible endpoint on vLLM with the Tempo scheduler (vLLM integration issue)."""
-    raise TempoError("'tempo serve' is not available yet: it needs the vLLM integration, not yet built")
+from tempo.serving.vllm.server import serve_command  # noqa: E402  (the endpoint lives with the vLLM plug-in)
+
+app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve_command)
 
 
 @app.command("demo")

@@ -113,8 +113,7 @@ def test_records_with_bad_fields_are_skipped_not_retried_forever(redis_client: r
 
 
 def test_stream_records_are_compact(redis_client: redis.Redis, redis_url: str) -> None:
-    from tempo.estimator.engine import pack_sketch, unpack_sketch
-    from tempo.models.features import FeatureSpec, PromptSketch
+    from tempo.models.features import FeatureSpec, PromptSketch, pack_sketch, unpack_sketch
 
     spec = FeatureSpec()
     sketch = PromptSketch.of("def add(a, b):\n    return a + b  # a small prompt " * 20, spec)
