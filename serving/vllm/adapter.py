@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tempo.scheduler.bounds import BoundLadder
+from tempo.scheduler.goodput import TIME_EPS_S
 from tempo.scheduler.interface import (
     Decision,
     EngineLimits,
@@ -421,7 +422,7 @@ class EngineAdapter:
         if slo.slo_class is SLOClass.LATENCY:
             assert slo.ttft_s is not None and slo.tbt_s is not None
             # token i is due at arrival + ttft + i * tbt: the tokens from index ceil(...) on are on time
-            earliest_on_time = math.ceil((now - r.arrival_s - slo.ttft_s) / slo.tbt_s - 1e-9)
+            earliest_on_time = math.ceil((now - TIME_EPS_S - r.arrival_s - slo.ttft_s) / slo.tbt_s)
             on_time = generated - max(first_index, earliest_on_time)
             r.on_time += max(0, min(count, on_time))
             if earliest_on_time > first_index:
@@ -444,24 +445,24 @@ class EngineAdapter:
         reason = "rejected" if r.rejected is not None else finish_reason
         completed = reason in ("stop", "length")
         slo, cls = r.slo, r.slo.slo_class
-        met: bool | None
+        met: bool | None = False
         good = 0
-        if cls is SLOClass.BEST_EFFORT:
+        if cls is SLOClass.LATENCY:  # tokens on time count even when the request did not complete
+            assert slo.ttft_s is not None
+            first_ok = r.first_token_s is not None and r.first_token_s <= r.arrival_s + slo.ttft_s + TIME_EPS_S
+            good = r.on_time + (prompt if first_ok else 0)
+            met = completed and not r.late
+        elif cls is SLOClass.BEST_EFFORT:
             met = None
         elif not completed:
             met = False
-        elif cls is SLOClass.LATENCY:
-            met = not r.late
-            first_ok = r.first_token_s is not None and slo.ttft_s is not None and (
-                r.first_token_s <= r.arrival_s + slo.ttft_s)
-            good = r.on_time + (prompt if first_ok else 0)
         elif cls is SLOClass.DEADLINE:
             assert slo.deadline_s is not None
-            met = now <= r.arrival_s + slo.deadline_s
+            met = now <= r.arrival_s + slo.deadline_s + TIME_EPS_S
             good = prompt + output if met else 0
         else:  # compound: this call is done by the job deadline (the job counts when its last call is)
             assert slo.job_deadline_s is not None and job is not None
-            met = now <= job.first_arrival_s + slo.job_deadline_s
+            met = now <= job.first_arrival_s + slo.job_deadline_s + TIME_EPS_S
             good = prompt + output if met else 0
         record: dict[str, Any] = {
             "request_id": r.id,

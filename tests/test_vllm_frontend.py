@@ -1,0 +1,185 @@
+"""The SLO front end (ASGI middleware) in front of a stand-in for vLLM's routes: validation, limits,
+overload refusals, and ladders from a real estimator HTTP server that is fast, slow, broken or gone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from tempo.serving.vllm.config import ServeConfig
+from tempo.serving.vllm.frontend import SLOMiddleware, prompt_of
+from tempo.serving.vllm.slo_fields import SKETCH_KEY, ladder_from_xargs
+
+CHAT = "/v1/chat/completions"
+
+
+class Downstream:
+    """Stands in for vLLM's routes: records the body it got, optionally waits before answering."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.release: asyncio.Event | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        self.bodies.append(json.loads(message["body"]) if message["body"] else {})
+        if self.release is not None:
+            await self.release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+def client(config: ServeConfig) -> tuple[httpx.AsyncClient, Downstream, SLOMiddleware]:
+    downstream = Downstream()
+    middleware = SLOMiddleware(downstream, config)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://t"), downstream, middleware
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": "Write a haiku about queues."}], **extra}
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_fields_are_normalised_and_a_ladder_and_sketch_added() -> None:
+    async def go() -> None:
+        http, down, _ = client(ServeConfig())
+        async with http:
+            r = await http.post(CHAT, json=chat(max_tokens=40, vllm_xargs={"deadline_s": 12, "app": "code/Mbpp",
+                                                                           "other": 1}))
+            assert r.status_code == 200
+            xargs = down.bodies[-1]["vllm_xargs"]
+            assert xargs["slo_class"] == "deadline" and xargs["deadline_s"] == 12 and xargs["other"] == 1
+            ladder = ladder_from_xargs(xargs)
+            assert ladder is not None and not ladder.fallback and ladder.initial <= 40  # capped at max_tokens
+            assert json.loads(xargs[SKETCH_KEY])["n_chars"] == len("Write a haiku about queues.")
+            r = await http.post(CHAT, json=chat(), headers={"x-slo-ttft-ms": "800"})
+            assert down.bodies[-1]["vllm_xargs"]["ttft_slo_s"] == 0.8
+
+    run(go())
+
+
+@pytest.mark.parametrize(("body", "status", "fragment"), [
+    (chat(vllm_xargs={"slo_class": "latency", "deadline_s": 3}), 400, "does not apply"),
+    (chat(vllm_xargs={"tempo_ladder": [0, 1]}), 400, "reserved"),
+    (chat(vllm_xargs={"ttft_slo_s": 0}), 400, "ttft_slo_s"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x" * 300}]}, 400, "prompt over"),
+])
+def test_bad_input_is_a_clear_4xx_before_any_work(body: dict[str, Any], status: int, fragment: str) -> None:
+    async def go() -> None:
+        http, down, _ = client(ServeConfig(max_prompt_chars=200))
+        async with http:
+            r = await http.post(CHAT, json=body)
+            assert r.status_code == status and fragment in r.json()["error"]["message"]
+            assert r.json()["error"]["code"] == status and down.bodies == []
+
+    run(go())
+
+
+def test_oversize_bodies_and_non_json_pass_or_fail_cleanly() -> None:
+    async def go() -> None:
+        http, down, _ = client(ServeConfig(max_body_bytes=2048))
+        async with http:
+            r = await http.post(CHAT, content=b"{" + b" " * 5000 + b"}")
+            assert r.status_code == 413 and down.bodies == []
+            r = await http.post(CHAT, content=b"[1, 2]")  # not ours to judge: vLLM answers it
+            assert r.status_code == 200 and down.bodies[-1] == [1, 2]
+            r = await http.get("/v1/models")
+            assert r.status_code == 200
+
+    run(go())
+
+
+def test_overload_is_refused_at_once_with_a_reason() -> None:
+    async def go() -> None:
+        http, down, middleware = client(ServeConfig(max_in_flight=2))
+        down.release = asyncio.Event()
+        async with http:
+            held = [asyncio.create_task(http.post(CHAT, json=chat())) for _ in range(2)]
+            while middleware.in_flight < 2:
+                await asyncio.sleep(0.01)
+            started = time.perf_counter()
+            r = await http.post(CHAT, json=chat())
+            elapsed = time.perf_counter() - started
+            assert r.status_code == 503 and r.headers["x-tempo-request-dropped-reason"] == "queue-full"
+            assert "overloaded" in r.json()["error"]["message"] and elapsed < 0.1
+            down.release.set()
+            assert [t.status_code for t in await asyncio.gather(*held)] == [200, 200]
+            assert middleware.in_flight == 0
+
+    run(go())
+
+
+def test_prompt_text_of_chat_and_completions() -> None:
+    parts = {"messages": [{"role": "system", "content": "be brief"},
+                          {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}]}]}
+    assert prompt_of(parts, CHAT) == ("be brief\nhi", None)
+    assert prompt_of({"prompt": [1, 2, 3]}, "/v1/completions") == (None, 3)
+    assert prompt_of({"prompt": ["a", "b"]}, "/v1/completions") == ("a", None)
+
+
+# ---------------------------------------------------------------- the estimator: fast, slow, broken, gone
+class Estimator(BaseHTTPRequestHandler):
+    mode = "ok"
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["content-length"]))
+        if Estimator.mode == "slow":
+            time.sleep(0.5)
+        body = {"estimates": [{"upper_bound": 33, "quantile": 0.9, "ladder": [[0, 33], [10, 40]],
+                               "model_version": "v", "fallback": False, "source": "batch"}]}
+        data = b"not json" if Estimator.mode == "garbage" else json.dumps(body).encode()
+        if Estimator.mode == "absurd":
+            data = json.dumps({"estimates": [{**body["estimates"][0], "ladder": [[5, 1]]}]}).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture()
+def estimator_url() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Estimator)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    Estimator.mode = "ok"
+
+
+@pytest.mark.parametrize("mode", ["ok", "slow", "garbage", "absurd", "gone"])
+def test_the_estimator_never_holds_serving_back(estimator_url: str, mode: str) -> None:
+    if mode == "gone":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            estimator_url = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed: connection refused
+    Estimator.mode = mode
+
+    async def go() -> None:
+        http, down, _ = client(ServeConfig(estimator_url=estimator_url, estimator_timeout_s=0.1))
+        async with http:
+            started = time.perf_counter()
+            r = await http.post(CHAT, json=chat(vllm_xargs={"deadline_s": 10}))
+            elapsed = time.perf_counter() - started
+        assert r.status_code == 200 and elapsed < 0.4
+        ladder = ladder_from_xargs(down.bodies[-1]["vllm_xargs"])
+        assert ladder is not None
+        if mode == "ok":
+            assert ladder.steps == ((0, 33), (10, 40)) and not ladder.fallback
+        else:
+            assert ladder.fallback  # the local empirical ladder, flagged
+
+    run(go())
