@@ -1,4 +1,4 @@
-"""``tempo estimator ...``: serve, retrain, loadtest, worker, publish, rollback (and ``eval`` from models/).
+"""``tempo estimator ...``: serve, retrain, train, loadtest, worker, publish, rollback (and ``eval`` from models/).
 
 User errors (bad options, unreachable Redis, bad artifacts) raise TempoError: one line, exit code 2.
 """
@@ -99,6 +99,59 @@ def retrain(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(text)
     typer.echo(text)
+
+
+TRAIN_HELP = (
+    "Train a model artifact from a CASTILLO-format dataset and measure it on held-back prompts.\n\n"
+    "Rows are split by prompt hash 60/20/20 into fit / calibration / held-back test (prompts disjoint); the "
+    "held-back coverage and reserved tokens per used token go into the manifest. "
+    "Serve it with `tempo estimator publish OUT`."
+)
+
+
+@estimator_app.command("train", help=TRAIN_HELP)
+def train(
+    data: Annotated[Path, typer.Option(
+        help="Lengths file in the CASTILLO format: CSV or JSONL (optionally .gz) with dataset, model, prompt_id, "
+             "input_tokens and out0..out9 (JSONL: or an 'outputs' list). E.g. "
+             "data/castillo/castillo_lengths.csv.gz.")],
+    prompts: Annotated[Path, typer.Option(
+        help="Prompts file: JSONL(.gz) with prompt_id and prompt_text for the lengths file's prompt ids. E.g. "
+             "data/castillo/castillo_prompts.jsonl.gz.")],
+    out: Annotated[Path, typer.Option(
+        help="Directory to write the artifact to; must not exist or be empty (never overwritten).")],
+    models: Annotated[str, typer.Option(
+        help="Served models to train on, comma-separated (names as in the file's 'model' column), or 'all'. "
+             "Several models train one model with the served model as a feature.")] = "all",
+    quantile: Annotated[float, typer.Option(
+        help="Target coverage q of the upper bound, in (0, 1). Use the quantile the service serves "
+             "(TEMPO_QUANTILE, default 0.9).")] = 0.9,
+    n_estimators: Annotated[int, typer.Option("--n-estimators", help="LightGBM boosting rounds.")] = 300,
+    seed: Annotated[int, typer.Option(
+        help="Random seed of the model (the fit / calibration / test split is by prompt hash, not seeded).")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full report (JSON) here.")] = None,
+) -> None:
+    """Bootstrap the service's artifact from a dataset (the --help text is TRAIN_HELP)."""
+    from rich.console import Console
+    from tempo.estimator.train import train as run_train
+
+    console = Console(stderr=True)
+    with console.status("training") as status:
+        report = run_train(data, prompts, out, models, quantile, n_estimators, seed,
+                           on_stage=lambda text: status.update(text))
+    for warning in report.warnings:
+        console.print(f"warning: {warning}", markup=False, highlight=False)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.to_dict(), indent=2))
+    h, r = report.holdout, report.rows
+    per_dataset = ", ".join(f"{name} {v['coverage']:.3f}" for name, v in h["coverage_by_dataset"].items())
+    typer.echo(f"trained on {', '.join(report.models)}: {r['fit']} fit / {r['calibration']} calibration / "
+               f"{r['test']} held-back rows (prompts disjoint) in {report.elapsed_s:.1f} s")
+    typer.echo(f"held-back coverage {h['coverage']:.3f} (target {report.quantile}, +-{h['coverage_2se']:.3f} "
+               f"over {h['prompts']} prompts); reserved/used {h['reserved_per_used']:.3f}")
+    typer.echo(f"per dataset: {per_dataset}")
+    typer.echo(f"artifact {report.version} at {report.path} (serve it: tempo estimator publish {report.path})")
 
 
 @estimator_app.command("loadtest")

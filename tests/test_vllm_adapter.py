@@ -3,6 +3,7 @@ tokens on time and completion records (requests are plain objects with the attri
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -114,10 +115,8 @@ def test_bad_slo_fields_are_one_line_errors(fields: dict[str, Any], headers: dic
                                  st.lists(st.integers(), max_size=3))),
        st.dictionaries(st.sampled_from(["x-slo-ttft-ms", "x-slo-tpot-ms"]), st.text(max_size=8)))
 def test_any_fields_parse_or_raise_slo_field_error(fields: dict[str, Any], headers: dict[str, str]) -> None:
-    try:
+    with contextlib.suppress(SLOFieldError):
         parse_request_slo(fields, headers, SLODefaults())
-    except SLOFieldError:
-        pass
 
 
 def test_ladders_travel_as_flat_lists() -> None:

@@ -132,7 +132,7 @@ def test_prompt_text_of_chat_and_completions() -> None:
 class Estimator(BaseHTTPRequestHandler):
     mode = "ok"
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers["content-length"]))
         if Estimator.mode == "slow":
             time.sleep(0.5)

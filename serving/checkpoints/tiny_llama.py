@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tempo.data.castillo import load_prompts
+from tempo.serving.checkpoints.stamp import STAMP, build_atomically, is_current
 
 CACHE_DIR = Path(".cache/tiny-llama")
-STAMP = "tempo-recipe.json"
+__all__ = ["CACHE_DIR", "STAMP", "TinyLlamaRecipe", "build_tiny_llama", "ensure_tiny_llama"]
 
 
 @dataclass(frozen=True)
@@ -96,28 +96,16 @@ def build_tiny_llama(target: Path, recipe: TinyLlamaRecipe = TinyLlamaRecipe()) 
     )
     torch.manual_seed(recipe.seed)
     model = LlamaForCausalLM(config)
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-    stamp = {"digest": recipe.digest(), "recipe": asdict(recipe), "sha256": files}
-    (tmp / STAMP).write_text(json.dumps(stamp, indent=1))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # a build interrupted half-way never looks complete
-    return target
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    return build_atomically(target, recipe.digest(), write, recipe=asdict(recipe))
 
 
 def ensure_tiny_llama(target: Path = CACHE_DIR, recipe: TinyLlamaRecipe = TinyLlamaRecipe()) -> Path:
     """The cached checkpoint, built afresh if missing, built from another recipe, or altered since."""
-    try:
-        stamp = json.loads((target / STAMP).read_text())
-        if stamp["digest"] == recipe.digest() and all(_sha256(target / n) == h for n, h in stamp["sha256"].items()):
-            return target
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass  # missing, half-written or altered: build afresh
+    if is_current(target, recipe.digest()):
+        return target
     return build_tiny_llama(target, recipe)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
