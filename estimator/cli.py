@@ -140,7 +140,7 @@ def train(
         report = run_train(data, prompts, out, models, quantile, n_estimators, seed,
                            on_stage=lambda text: status.update(text))
     for warning in report.warnings:
-        console.print(f"warning: {warning}", markup=False, highlight=False)
+        console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report.to_dict(), indent=2))
