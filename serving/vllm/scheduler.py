@@ -333,7 +333,10 @@ class TempoScheduler:
     checks no type)."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
-        config = kwargs.get("vllm_config", args[0] if args else None)
-        asynchronous = bool(getattr(getattr(config, "scheduler_config", None), "async_scheduling", False))
-        variant = TempoAsyncScheduler if asynchronous else TempoSyncScheduler
-        return variant(*args, **kwargs)
+        return variant_for(kwargs.get("vllm_config", args[0] if args else None))(*args, **kwargs)
+
+
+def variant_for(vllm_config: Any) -> type[TempoSchedulerMixin]:
+    """The Tempo scheduler class for a vLLM config: async when vLLM schedules asynchronously."""
+    asynchronous = bool(getattr(getattr(vllm_config, "scheduler_config", None), "async_scheduling", False))
+    return TempoAsyncScheduler if asynchronous else TempoSyncScheduler
