@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -17,6 +15,8 @@ import pytest
 from tempo.serving.vllm.config import ServeConfig
 from tempo.serving.vllm.frontend import SLOMiddleware, prompt_of
 from tempo.serving.vllm.slo_fields import SKETCH_KEY, ladder_from_xargs
+
+from tests.estimator_stub import StubEstimator
 
 CHAT = "/v1/chat/completions"
 
@@ -129,47 +129,25 @@ def test_prompt_text_of_chat_and_completions() -> None:
 
 
 # ---------------------------------------------------------------- the estimator: fast, slow, broken, gone
-class Estimator(BaseHTTPRequestHandler):
-    mode = "ok"
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["content-length"]))
-        if Estimator.mode == "slow":
-            time.sleep(0.5)
-        body = {"estimates": [{"upper_bound": 33, "quantile": 0.9, "ladder": [[0, 33], [10, 40]],
-                               "model_version": "v", "fallback": False, "source": "batch"}]}
-        data = b"not json" if Estimator.mode == "garbage" else json.dumps(body).encode()
-        if Estimator.mode == "absurd":
-            data = json.dumps({"estimates": [{**body["estimates"][0], "ladder": [[5, 1]]}]}).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture()
-def estimator_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Estimator)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    Estimator.mode = "ok"
+def stub() -> Iterator[StubEstimator]:
+    server = StubEstimator()
+    yield server
+    server.close()
 
 
 @pytest.mark.parametrize("mode", ["ok", "slow", "garbage", "absurd", "gone"])
-def test_the_estimator_never_holds_serving_back(estimator_url: str, mode: str) -> None:
+def test_the_estimator_never_holds_serving_back(stub: StubEstimator, mode: str) -> None:
+    url = stub.url
     if mode == "gone":
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            estimator_url = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed: connection refused
-    Estimator.mode = mode
+            url = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed: connection refused
+    else:
+        stub.mode = mode
 
     async def go() -> None:
-        http, down, _ = client(ServeConfig(estimator_url=estimator_url, estimator_timeout_s=0.1))
+        http, down, _ = client(ServeConfig(estimator_url=url, estimator_timeout_s=0.1))
         async with http:
             started = time.perf_counter()
             r = await http.post(CHAT, json=chat(vllm_xargs={"deadline_s": 10}))

@@ -230,6 +230,10 @@ class SLOMiddleware:
             fell_back = True
         self.metrics.estimate_seconds.observe(time.perf_counter() - started)
         self.metrics.estimates.labels("fallback" if fell_back else "ok").inc()
+        if max_tokens is not None:
+            from tempo.serving.vllm.local_bounds import cap_ladder
+
+            ladder = cap_ladder(ladder, max_tokens)  # whatever the service says, a response ends by max_tokens
         return ladder
 
 

@@ -47,6 +47,7 @@ from tempo.serving.vllm.config import ServeConfig
 from tempo.serving.vllm.local_bounds import local_bounds
 from tempo.serving.vllm.metrics import engine_metrics
 from tempo.serving.vllm.timing import StepTimer
+from vllm.sampling_params import RequestOutputKind
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import RequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -127,6 +128,7 @@ class TempoSchedulerMixin:
     block_size: int
     kv_cache_manager: Any
     kv_cache_config: Any
+    vllm_config: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -159,6 +161,8 @@ class TempoSchedulerMixin:
         self._tempo_step_started = time.perf_counter()
         self._tempo_policy_preempting = False
         self._tempo_flushed: dict[str, int] = {}
+        eos = getattr(self.vllm_config.model_config.hf_text_config, "eos_token_id", None)
+        self._tempo_eos = int((eos[0] if isinstance(eos, list) and eos else eos) or 0)
         log.info("Tempo scheduler: policy %s %s, %d slots per step, budget %d, Redis %s", config.policy,
                  config.policy_params or "", slots, self.tempo_budget, "on" if store else "off")
 
@@ -263,9 +267,19 @@ class TempoSchedulerMixin:
                 if eco is None:
                     eco = outputs[request.client_index] = EngineCoreOutputs()
                 eco.outputs.append(EngineCoreOutput(
-                    request_id=request.request_id, new_token_ids=[], finish_reason=FinishReason.ABORT,
-                    stop_reason=reason, events=request.take_events(), trace_headers=request.trace_headers))
+                    request_id=request.request_id, new_token_ids=self._tempo_closing_tokens(request),
+                    finish_reason=FinishReason.ABORT, stop_reason=reason, events=request.take_events(),
+                    trace_headers=request.trace_headers))
         return outputs
+
+    def _tempo_closing_tokens(self, request: Request) -> list[int]:
+        """Tokens of a rejection's final output: none, except for a streamed request with no token yet, which
+        gets one end-of-sequence token (invisible text): vLLM's streaming path drops a final chunk that has
+        neither text nor tokens before the first token, and the client would never see the reason."""
+        params = request.sampling_params
+        if request.num_output_tokens > 0 or params is None or params.output_kind is RequestOutputKind.FINAL_ONLY:
+            return []
+        return [self._tempo_eos]
 
     def _update_request_with_output(self, request: Request, new_token_ids: list[int],
                                     *args: Any, **kwargs: Any) -> tuple[list[int], bool]:

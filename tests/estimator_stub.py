@@ -1,0 +1,56 @@
+"""A stand-in for the estimator service over real HTTP whose behaviour a test switches: answering, slow,
+garbage, absurd ladders (to show that serving never depends on it)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+
+LADDER = [[0, 33], [10, 40]]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: StubEstimator  # type: ignore[assignment]
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}")
+        mode = self.server.mode
+        self.server.calls += 1
+        if mode == "slow":
+            time.sleep(0.5)
+        n = len(body.get("requests", [body]))
+        estimate = {"upper_bound": LADDER[0][1], "quantile": 0.9, "ladder": LADDER, "model_version": "stub",
+                    "fallback": False, "source": "batch"}
+        if mode == "absurd":
+            estimate = {**estimate, "ladder": [[5, 1]]}
+        data = b"not json" if mode == "garbage" else json.dumps({"estimates": [estimate] * n}).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class StubEstimator(ThreadingHTTPServer):
+    daemon_threads = True
+    modes: ClassVar[tuple[str, ...]] = ("ok", "slow", "garbage", "absurd")
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.mode = "ok"
+        self.calls = 0
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
