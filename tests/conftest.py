@@ -14,6 +14,17 @@ from pathlib import Path
 import pytest
 import redis
 
+REQUIRE_VLLM = "TEMPO_REQUIRE_VLLM"  # CI sets it: a real-engine test that cannot run fails instead of skipping
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get(REQUIRE_VLLM) == "1" and item.get_closest_marker("vllm") is not None:
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid}: a real-engine test was skipped while {REQUIRE_VLLM}=1: {report.longrepr}"
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -184,3 +184,23 @@ def test_tempo_metrics_are_served_beside_vllms(served: Served) -> None:
         assert name in text, name
     decisions = [line for line in text.splitlines() if line.startswith("tempo_policy_decisions_total")]
     assert float(decisions[0].split()[-1]) > 0
+
+
+@pytest.mark.parametrize("policy", ["tempo", "fcfs"])
+def test_the_default_model_answers_with_real_text(policy: str, tmp_path: Path) -> None:
+    """``tempo serve`` without ``--model``: SmolLM2-135M-Instruct (built from PyPI and cached)."""
+    pytest.importorskip("vllm")
+    port = free_port()
+    process = start_server(["--policy", policy], tmp_path / "serve.log", port)
+    try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        question = {"model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 40,
+                    "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        plain = httpx.post(url, json=question, timeout=120).json()["choices"][0]
+        assert "Paris" in plain["message"]["content"] and plain["finish_reason"] == "stop"
+        with_slo = httpx.post(url, timeout=120, json={
+            **question, "messages": [{"role": "user", "content": "Name a primary colour."}],
+            "vllm_xargs": {"slo_class": "deadline", "deadline_s": 60, "app": "chat/Alpaca"}}).json()["choices"][0]
+        assert len(with_slo["message"]["content"].split()) >= 2 and with_slo["finish_reason"] in ("stop", "length")
+    finally:
+        stop_server(process)
