@@ -6,10 +6,6 @@ Needs ``make vllm``."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from tempo.serving.vllm.launch import ManagedServer
 
 from tests.conftest import RedisServer, free_port
 from tests.estimator_stub import StubEstimator
@@ -41,33 +38,8 @@ class Served:
         return out
 
 
-def start_server(args: list[str], log: Path, port: int) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "tempo.cli", "serve", "--port", str(port), *args]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-                               start_new_session=True)
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"tempo serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(process)
-    raise RuntimeError(f"tempo serve did not come up in {STARTUP_S} s:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+def start_server(args: list[str], log: Path, port: int) -> ManagedServer:
+    return ManagedServer(args, log, port, startup_s=STARTUP_S, env={"VLLM_CPU_KVCACHE_SPACE": "1"}).start()
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +57,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     try:
         yield Served(f"http://127.0.0.1:{port}", redis_server, estimator, work / "serve.log")
     finally:
-        stop_server(process)
+        process.stop()
         estimator.close()
         redis_server.stop()
 
@@ -203,4 +175,4 @@ def test_the_default_model_answers_with_real_text(policy: str, tmp_path: Path) -
             "vllm_xargs": {"slo_class": "deadline", "deadline_s": 60, "app": "chat/Alpaca"}}).json()["choices"][0]
         assert len(with_slo["message"]["content"].split()) >= 2 and with_slo["finish_reason"] in ("stop", "length")
     finally:
-        stop_server(process)
+        process.stop()

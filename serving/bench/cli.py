@@ -42,7 +42,8 @@ def bench_command(
     estimator: Annotated[
         str, typer.Option(help="Bound provider for policies that name none: empirical, fixed, oracle, ...")
     ] = "empirical",
-    engine: Annotated[str, typer.Option(help="Engine: 'sim' (the simulator; vLLM comes later).")] = "sim",
+    engine: Annotated[str, typer.Option(help="Engine: 'sim' (the simulator) or 'vllm' (the real engine behind "
+                                        "'tempo serve', one server per policy).")] = "sim",
     profile: Annotated[
         str, typer.Option(help=f"Engine profile name or JSON path ({', '.join(profile_names())}).")
     ] = DEFAULT_PROFILE,
@@ -83,10 +84,18 @@ def bench_command(
         bool, typer.Option("--cost", help="Only benchmark the decision time with many queued requests.")
     ] = False,
     queued: Annotated[str, typer.Option(help="With --cost: queue sizes.")] = "100,1000,10000",
+    serve_model: Annotated[str, typer.Option(help="--engine vllm: the model 'tempo serve' serves (tiny, smollm2 "
+                                             "or a directory).")] = "tiny",
+    serve_args: Annotated[str, typer.Option(help="--engine vllm: more 'tempo serve' options, as one string "
+                                            "(vLLM's after '--').")] = "",
+    url: Annotated[str | None, typer.Option(help="--engine vllm: a running 'tempo serve' (one policy).")] = None,
+    repeats: Annotated[int, typer.Option(help="--engine vllm: runs per policy, interleaved.", min=1)] = 1,
+    natural_lengths: Annotated[bool, typer.Option(help="--engine vllm: the model stops by itself (max_tokens is "
+                                                  "a cap) instead of the workload's forced lengths.")] = False,
 ) -> None:
     """Goodput benchmark of scheduling policies on the engine simulator: tables, JSON and a plot."""
-    if engine != "sim":
-        raise TempoError(f"--engine {engine!r} is not available (only 'sim'; vLLM is the integration issue)")
+    if engine not in ("sim", "vllm"):
+        raise TempoError(f"--engine must be 'sim' or 'vllm', got {engine!r}")
     if quantile <= 0 or quantile >= 1:
         raise TempoError("--quantile must be in (0, 1)")
     console = make_console(min_width=160)
@@ -94,6 +103,12 @@ def bench_command(
         _cost(policies, queued, profile, seed, json_out, console)
         return
     specs = parse_policies(policies, estimator)
+    if engine == "vllm":
+        from tempo.serving.bench.vllm_cli import engine_bench
+
+        engine_bench(specs, workload, rps, duration, mix, arrivals, seed, parse_tiers(tiers), model, serve_model,
+                     serve_args, url, repeats, natural_lengths, decode_weight, json_out, console)
+        return
     config = BenchConfig(
         policies=specs,
         profile=profile,

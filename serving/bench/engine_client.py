@@ -1,0 +1,228 @@
+"""Replay a workload file against a running ``tempo serve`` and observe what a client sees.
+
+Every request is sent at its arrival time (a compound call when the calls it depends on have finished,
+as the simulator releases them) as a streaming ``/v1/completions`` request with the SLO fields of
+``tempo serve`` in ``vllm_xargs``. Lengths are forced (``max_tokens`` = the workload's length,
+``ignore_eos``, as ``vllm bench`` does) or natural (``natural_lengths``: the model stops by itself,
+``max_tokens`` is a cap). Token times are taken at the client from the stream (each chunk carries the
+cumulative usage); the outcomes feed ``tempo.scheduler.goodput.account`` like the simulator's.
+
+Forced-length prompts are token ids of the workload's prompt length (the served model's tokenizer would
+count the workload's text differently); natural-length prompts are the workload's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from tempo.scheduler.goodput import RequestOutcome
+from tempo.serving.workloads.format import WorkloadRequest
+
+TOKEN_RANGE = (100, 4000)  # synthetic prompt ids: valid in every served model's vocabulary here
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    url: str
+    model: str  # the served model name
+    natural_lengths: bool = False
+    max_tokens_cap: int = 2048  # natural lengths: the cap
+    max_prompt_tokens: int = 1800  # prompts are cut to this (the served model's context is small on CPU)
+    request_timeout_s: float = 3600.0
+    start_delay_s: float = 0.5
+
+
+@dataclass
+class Observed:
+    """What the client saw of one request."""
+
+    request_id: str
+    sent_s: float | None = None
+    token_times_s: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+    status: int | None = None  # HTTP status; 503: refused by the front end
+    error: str | None = None
+    text: str = ""
+
+
+@dataclass
+class ReplayResult:
+    outcomes: list[RequestOutcome]
+    observed: dict[str, Observed]
+    wall_s: float
+    refused: int = 0
+    rejected: int = 0
+    errors: int = 0
+    never_sent: int = 0  # later calls of a job that failed
+
+
+def synthetic_prompt(request_id: str, tokens: int) -> list[int]:
+    seed = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big")
+    rng = random.Random(seed)
+    return [rng.randrange(*TOKEN_RANGE) for _ in range(max(1, tokens))]
+
+
+def slo_xargs(w: WorkloadRequest) -> dict[str, Any]:
+    fields: dict[str, Any] = {"slo_class": w.slo_class.value, "app": w.app}
+    for name in ("ttft_slo_s", "tbt_slo_s", "deadline_s", "job_deadline_s", "job_id", "stage"):
+        value = getattr(w, name)
+        if value is not None:
+            fields[name] = value
+    return fields
+
+
+def request_body(w: WorkloadRequest, config: ReplayConfig) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": config.model, "stream": True, "temperature": 0.0,
+                            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                            "vllm_xargs": slo_xargs(w)}
+    if config.natural_lengths and w.prompt:
+        body["prompt"] = w.prompt
+        body["max_tokens"] = config.max_tokens_cap
+    else:
+        body["prompt"] = synthetic_prompt(w.id, min(w.prompt_tokens, config.max_prompt_tokens))
+        if config.natural_lengths:
+            body["max_tokens"] = config.max_tokens_cap
+        else:
+            body["max_tokens"] = w.output_tokens
+            body["ignore_eos"] = True
+    return body
+
+
+async def _send(http: httpx.AsyncClient, w: WorkloadRequest, config: ReplayConfig, t0: float) -> Observed:
+    seen = Observed(w.id, sent_s=time.monotonic() - t0)
+    count = 0
+    try:
+        async with http.stream("POST", "/v1/completions", json=request_body(w, config),
+                               headers={"X-Request-Id": w.id}) as response:
+            seen.status = response.status_code
+            if response.status_code != 200:
+                seen.error = (await response.aread()).decode(errors="replace")[:300]
+                return seen
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                now = time.monotonic() - t0
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or {}
+                total = int(usage.get("completion_tokens") or count)
+                for choice in chunk.get("choices") or []:
+                    seen.text += choice.get("text") or ""
+                    if choice.get("finish_reason"):
+                        seen.finish_reason = choice["finish_reason"]
+                        seen.stop_reason = choice.get("stop_reason")
+                if total > count:
+                    seen.token_times_s.extend([now] * (total - count))
+                    count = total
+    except httpx.HTTPError as exc:
+        seen.error = f"{type(exc).__name__}: {exc}"[:300]
+    return seen
+
+
+async def replay(workload: Sequence[WorkloadRequest], config: ReplayConfig,
+                 progress: Any = None) -> ReplayResult:
+    """Send the workload in real time; returns when every request finished or was refused or rejected."""
+    by_id = {w.id: w for w in workload}
+    dependents: dict[str, list[str]] = defaultdict(list)
+    waiting_on = {w.id: len(w.depends_on) for w in workload}
+    for w in workload:
+        for dep in w.depends_on:
+            dependents[dep].append(w.id)
+    observed: dict[str, Observed] = {}
+    failed_jobs: set[str] = set()
+    released: dict[str, float] = {}
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
+    timeout = httpx.Timeout(config.request_timeout_s, connect=30.0)
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=config.url, limits=limits, timeout=timeout) as http:
+        t0 = time.monotonic() + config.start_delay_s
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def run(w: WorkloadRequest, at_s: float) -> None:
+            await asyncio.sleep(max(0.0, t0 + at_s - time.monotonic()))
+            if w.job_id is not None and w.job_id in failed_jobs:
+                return
+            released[w.id] = time.monotonic() - t0
+            seen = observed[w.id] = await _send(http, w, config, t0)
+            if progress is not None:
+                progress()
+            ok = seen.status == 200 and seen.finish_reason in ("stop", "length") and seen.error is None
+            if not ok and w.job_id is not None:
+                failed_jobs.add(w.job_id)
+            for child in dependents.get(w.id, ()):
+                waiting_on[child] -= 1
+                if waiting_on[child] == 0 and ok:
+                    spawn(by_id[child], time.monotonic() - t0)
+
+        def spawn(w: WorkloadRequest, at_s: float) -> None:
+            task = asyncio.create_task(run(w, at_s))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        for w in workload:
+            if not w.depends_on:
+                spawn(w, w.arrival_s)
+        while tasks:
+            await asyncio.gather(*list(tasks))
+    wall = time.perf_counter() - started
+    return _result(workload, observed, released, wall)
+
+
+def _result(workload: Sequence[WorkloadRequest], observed: dict[str, Observed], released: dict[str, float],
+            wall: float) -> ReplayResult:
+    outcomes: list[RequestOutcome] = []
+    job_arrival = {w.job_id: w.arrival_s for w in workload if w.job_id is not None and not w.depends_on}
+    result = ReplayResult(outcomes, observed, wall)
+    for w in workload:
+        seen = observed.get(w.id)
+        arrival = released.get(w.id, w.arrival_s)
+        if seen is None:
+            result.never_sent += 1
+            times: tuple[float, ...] = ()
+            finished = False
+        else:
+            finished = seen.status == 200 and seen.finish_reason in ("stop", "length") and seen.error is None
+            times = tuple(max(t, arrival) for t in seen.token_times_s) if finished else ()
+            if seen.status == 503:
+                result.refused += 1
+            elif seen.finish_reason == "abort":
+                result.rejected += 1
+            elif not finished:
+                result.errors += 1
+        if finished and not times:
+            finished = False
+        outcomes.append(RequestOutcome(
+            request_id=w.id, slo=w.slo(), arrival_s=arrival, prompt_tokens=w.prompt_tokens,
+            token_times_s=times, finished=finished, job_id=w.job_id,
+            job_arrival_s=job_arrival.get(w.job_id) if w.job_id is not None else None))
+    return result
+
+
+async def scrape_metrics(url: str) -> dict[str, float]:
+    """Tempo's and vLLM's counters from ``/metrics``, summed over labels by name (and kept by label)."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        text = (await http.get("/metrics")).text
+    out: dict[str, float] = defaultdict(float)
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        name = name_labels.split("{", 1)[0]
+        if name.startswith(("tempo_", "vllm:")):
+            out[name] += number
+            if "{" in name_labels:
+                out[name_labels] = number
+    return dict(out)
