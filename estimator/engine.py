@@ -114,6 +114,14 @@ class CoverageTracker:
         return sum(c for c, _ in window) / len(window), sum(r for _, r in window) / len(window)
 
 
+TRUE_LENGTH_FINISHES = (None, "stop", "length")  # None: records from clients that do not say
+
+
+def is_true_length(record: dict[str, Any]) -> bool:
+    """Whether a completion record's ``output_tokens`` is the response's full length."""
+    return record.get("finish_reason") in TRUE_LENGTH_FINISHES
+
+
 def estimate_prompt_tokens(request: EstimateRequest) -> int:
     if request.prompt_tokens is not None:
         return int(request.prompt_tokens)
@@ -279,7 +287,10 @@ class Estimator:
 
     # -- learning --------------------------------------------------------------------------------
     def parse(self, record: dict[str, Any]) -> Observation | None:
-        """A completion record as an observation; None when it is malformed (it is then skipped)."""
+        """A completion record as an observation; None when it is malformed or its length is not a true
+        length (rejected, aborted or failed requests: censored), so it is skipped."""
+        if not is_true_length(record):
+            return None
         try:
             data, prompt = record.get("sketch"), record.get("prompt")
             if isinstance(data, dict):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tempo.estimator.engine import ServedModel, manifest_digest
+from tempo.estimator.engine import ServedModel, is_true_length, manifest_digest
 from tempo.estimator.settings import Settings
 from tempo.estimator.store import RETRAIN_GROUP, Store
 from tempo.models.artifact import save_artifact
@@ -128,7 +128,7 @@ def retrain(store: Store, settings: Settings, since: str | None = None, min_samp
     cursor_entries = store.read_group(RETRAIN_GROUP, "retrain-job", count=max_records, block_ms=None)
     entries = store.range(start=since or "-", count=max_records)
     records = [r for _, r in entries if r is not None and isinstance(r.get("output_tokens"), int)
-               and r.get("output_tokens", 0) >= 1]
+               and r.get("output_tokens", 0) >= 1 and is_true_length(r)]
     report = _retrain(records, store, settings, min_samples, model_params, tolerance, activate)
     report.finished_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     store.set_json("retrain:last", report.to_dict())

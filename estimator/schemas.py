@@ -126,6 +126,8 @@ class CompletionRecord(_Strict):
     finish_s: Seconds | None = None
     bound: int | None = Field(None, ge=1, le=MAX_TOKENS, description="the initial bound that was used")
     slo_met: bool | None = None
+    finish_reason: Literal["stop", "length", "abort", "rejected", "error", "repetition"] | None = Field(
+        None, description="why it ended; only stop / length records are learned from (others are censored)")
 
 
 class CompletionAccepted(BaseModel):

@@ -121,3 +121,13 @@ def test_stream_records_are_compact(redis_client: redis.Redis, redis_url: str) -
     assert len(json.dumps(packed)) < len(json.dumps(sketch.to_dict())) / 2
     back = unpack_sketch(json.loads(json.dumps(packed)), spec)
     assert (back.indices == sketch.indices).all() and abs(back.weights - sketch.weights).max() < 1e-3
+
+
+def test_censored_lengths_are_not_learned_from() -> None:
+    from tempo.estimator.engine import Estimator
+
+    estimator = Estimator(0.9)
+    base = {"request_id": "r", "slo_class": "deadline", "prompt_tokens": 10, "output_tokens": 7, "prompt": "x"}
+    assert estimator.parse(base) is not None and estimator.parse({**base, "finish_reason": "length"}) is not None
+    for reason in ("rejected", "abort", "error"):
+        assert estimator.parse({**base, "finish_reason": reason}) is None

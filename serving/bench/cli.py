@@ -84,6 +84,8 @@ def bench_command(
         bool, typer.Option("--cost", help="Only benchmark the decision time with many queued requests.")
     ] = False,
     queued: Annotated[str, typer.Option(help="With --cost: queue sizes.")] = "100,1000,10000",
+    running: Annotated[str, typer.Option(help="With --engine vllm --cost: running requests (step time with the "
+                                         "plug-in against plain vLLM).")] = "16,256",
     serve_model: Annotated[str, typer.Option(help="--engine vllm: the model 'tempo serve' serves (tiny, smollm2 "
                                              "or a directory).")] = "tiny",
     serve_args: Annotated[str, typer.Option(help="--engine vllm: more 'tempo serve' options, as one string "
@@ -99,6 +101,11 @@ def bench_command(
     if quantile <= 0 or quantile >= 1:
         raise TempoError("--quantile must be in (0, 1)")
     console = make_console(min_width=160)
+    if cost and engine == "vllm":
+        from tempo.serving.bench.vllm_cli import engine_cost
+
+        engine_cost(running, json_out, console)
+        return
     if cost:
         _cost(policies, queued, profile, seed, json_out, console)
         return

@@ -84,3 +84,32 @@ def print_engine_bench(result: dict[str, Any], console: Console) -> None:
                       f"{e['policy_preemptions']:.0f} by policy / {e['engine_preemptions']:.0f} by engine, "
                       f"{e['rejections']:.0f} rejected, {e['demotions']:.0f} demoted, {e['refused']:.0f} refused, "
                       f"{e['paced_skips']:.0f} skipped resident-steps; wall {run['wall_s']:.0f} s")
+
+
+def engine_cost(running: str, json_out: Path | None, console: Console) -> None:
+    """Step time of the real engine with Tempo's plug-in (fcfs, tempo) against plain vLLM."""
+    from tempo.serving.vllm.overhead import measure_overhead
+
+    try:
+        batches = [int(v) for v in running.split(",")]
+    except ValueError:
+        raise TempoError(f"--running must be comma-separated integers, got {running!r}") from None
+    with console.status("measuring step times (plain vLLM, the plug-in with fcfs, with tempo) ..."):
+        result = measure_overhead(batches)
+    table = Table(title="engine step time (ms) with every request decoding: median / p99 (x plain vLLM)",
+                  title_justify="left")
+    table.add_column("engine")
+    for b in batches:
+        table.add_column(f"{b} running", justify="right")
+    for variant in result["results"]:
+        cells = []
+        for row in variant["rows"]:
+            ratio = f" ({row['median_vs_vllm']:.2f}x / {row['p99_vs_vllm']:.2f}x)" if "median_vs_vllm" in row else ""
+            cells.append(f"{row['median_ms']:.2f} / {row['p99_ms']:.2f}{ratio}")
+        name = "plain vLLM" if variant["variant"] == "vllm" else f"plug-in, {variant['variant']}"
+        table.add_row(name, *cells)
+    console.print(table)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        console.print(f"wrote {json_out}")
