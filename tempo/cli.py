@@ -6,6 +6,7 @@ Errors a user can cause (bad arguments, missing or malformed files) print one li
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,7 +14,7 @@ import typer
 from tempo.errors import TempoError
 from tempo.estimator.cli import estimator_app
 from tempo.serving.profiles.cli import profile_app
-from tempo.serving.workloads.cli import make_console, print_summary, workload_app
+from tempo.serving.workloads.cli import make_console, workload_app
 
 app = typer.Typer(
     name="tempo",
@@ -39,19 +40,18 @@ app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown
 
 @app.command("demo")
 def demo(
-    rps: Annotated[float, typer.Option(help="Arrivals per second.")] = 3.0,
-    duration: Annotated[float, typer.Option(help="Seconds of arrivals.")] = 120.0,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    duration: Annotated[float, typer.Option(help="Seconds of arrivals in each run.", min=5)] = 40.0,
+    load: Annotated[float, typer.Option(help="Arrival rate as a multiple of the engine's estimated saturation.",
+                                        min=0.1)] = 2.0,
+    rps: Annotated[float | None, typer.Option(help="Arrivals per second (overrides --load).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the workload.")] = 0,
+    out: Annotated[Path, typer.Option(help="Where the JSON, the plot and the logs go.")] = Path("out/demo"),
 ) -> None:
-    """The main job end to end: for now, build a mixed workload from real data and summarise it."""
-    from tempo.serving.workloads.builder import WorkloadSpec, build_workload
-    from tempo.serving.workloads.sources import azure_conv_trace_path
-    from tempo.serving.workloads.stats import summarize
+    """The main job end to end: Redis, the estimator service and tempo serve on SmolLM2; Tempo against FCFS on
+    an overloaded mixed workload; the goodput table, an example answer and a plot. Stops what it started."""
+    from tempo.demo import run_demo
 
-    spec = WorkloadSpec(rps=rps, duration_s=duration, arrivals=str(azure_conv_trace_path()), seed=seed)
-    console = make_console()
-    console.print(f"building a {duration:.0f} s workload at {rps} arrivals/s, mix 1:1:1, Azure conv arrivals")
-    print_summary(summarize(build_workload(spec)), console)
+    run_demo(make_console(), duration_s=duration, load=load, seed=seed, out=out, rps=rps)
 
 
 def main(argv: list[str] | None = None) -> int:

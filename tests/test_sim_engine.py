@@ -185,3 +185,28 @@ def test_swap_traffic_is_charged_once_for_out_and_once_for_in() -> None:
     blocks = result.stats.swapped_blocks
     assert blocks == 7  # 103 tokens of KV in 16-token blocks
     assert sorted(b for b in moved if b) == [blocks, blocks]
+
+
+def test_charged_decisions_cost_simulated_time() -> None:
+    import time
+
+    from tempo.scheduler.bounds import BoundLadder
+    from tempo.scheduler.interface import Decision, Policy, Snapshot
+
+    class Slow(Policy):
+        """Runs everything, after 5 ms of thought per decision."""
+
+        name = "slow"
+
+        def decide(self, snapshot: Snapshot) -> Decision:
+            time.sleep(0.005)
+            return Decision(run=tuple(r.request_id for r in snapshot.requests))
+
+    workload = [make_request("a", "deadline", prompt_tokens=64, output_tokens=20, tier=4)]
+    ladders = {"a": BoundLadder.fixed(20)}
+    free = Simulator(workload, ladders, Slow(), small_profile()).run()
+    charged = Simulator(workload, ladders, Slow(), small_profile(), charge_decisions=True).run()
+    decisions = charged.stats.decisions
+    assert decisions >= 20 and free.stats.decisions == decisions
+    extra = charged.stats.end_s - free.stats.end_s
+    assert extra >= decisions * 0.005 and extra == pytest.approx(sum(charged.stats.decision_s), rel=0.5)

@@ -131,6 +131,7 @@ class BenchConfig:
     quantile: float = 0.9
     decode_weight: float = 1.0
     step_noise: float = 0.0
+    charge_decisions: bool = False  # add each decision's measured time to the simulated clock
     training_size: int = 6000
     prompt_split: str | None = None  # draw benchmark prompts from this CASTILLO hash split (e.g. "test")
 
@@ -339,6 +340,7 @@ def run_one(
         profile,
         rng=np.random.default_rng(config.seed),
         step_noise=config.step_noise,
+        charge_decisions=config.charge_decisions,
     )
     result = sim.run(progress)
     wall = time.perf_counter() - started
@@ -501,6 +503,7 @@ def config_dict(config: BenchConfig) -> dict[str, Any]:
         "quantile": config.quantile,
         "decode_weight": config.decode_weight,
         "step_noise": config.step_noise,
+        "charge_decisions": config.charge_decisions,
         "training_size": config.training_size,
         "prompt_split": config.prompt_split,
     }

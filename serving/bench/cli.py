@@ -65,6 +65,9 @@ def bench_command(
     quantile: Annotated[float, typer.Option(help="Quantile of the length bounds.")] = 0.9,
     decode_weight: Annotated[float, typer.Option(help="Weight of decode tokens in goodput (paper's code: 8).")] = 1.0,
     step_noise: Annotated[float, typer.Option(help="Relative std of step-time noise (0: deterministic).")] = 0.0,
+    charge_decisions: Annotated[bool, typer.Option(help="Charge each decision's measured time to the simulated "
+                                                   "clock, as the real engine pays it (runs then vary with the "
+                                                   "machine).")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a goodput-vs-rate plot (PNG) here.")] = None,
     prompt_split: Annotated[
@@ -129,6 +132,7 @@ def bench_command(
         quantile=quantile,
         decode_weight=decode_weight,
         step_noise=step_noise,
+        charge_decisions=charge_decisions,
         training_size=min(training_size, 2000) if quick else training_size,
         prompt_split=prompt_split,
     )

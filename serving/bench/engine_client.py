@@ -4,8 +4,9 @@ Every request is sent at its arrival time (a compound call when the calls it dep
 as the simulator releases them) as a streaming ``/v1/completions`` request with the SLO fields of
 ``tempo serve`` in ``vllm_xargs``. Lengths are forced (``max_tokens`` = the workload's length,
 ``ignore_eos``, as ``vllm bench`` does) or natural (``natural_lengths``: the model stops by itself,
-``max_tokens`` is a cap). Token times are taken at the client from the stream (each chunk carries the
-cumulative usage); the outcomes feed ``tempo.scheduler.goodput.account`` like the simulator's.
+``max_tokens`` is a cap; requests without text, such as compound calls, stay forced). Token times are
+taken at the client from the stream (each chunk carries the cumulative usage); the outcomes feed
+``tempo.scheduler.goodput.account`` like the simulator's.
 
 Forced-length prompts are token ids of the workload's prompt length (the served model's tokenizer would
 count the workload's text differently); natural-length prompts are the workload's text.
@@ -36,7 +37,7 @@ class ReplayConfig:
     model: str  # the served model name
     natural_lengths: bool = False
     max_tokens_cap: int = 2048  # natural lengths: the cap
-    max_prompt_tokens: int = 1800  # prompts are cut to this (the served model's context is small on CPU)
+    max_model_len: int = 4096  # forced lengths: prompts are cut so that prompt + output fit the context
     request_timeout_s: float = 3600.0
     start_delay_s: float = 0.5
 
@@ -53,6 +54,7 @@ class Observed:
     status: int | None = None  # HTTP status; 503: refused by the front end
     error: str | None = None
     text: str = ""
+    prompt_tokens: int = 0  # as the server counted them (usage), else as sent
 
 
 @dataclass
@@ -81,6 +83,11 @@ def slo_xargs(w: WorkloadRequest) -> dict[str, Any]:
     return fields
 
 
+def served_prompt_tokens(w: WorkloadRequest, max_model_len: int) -> int:
+    """The prompt length sent for a forced-length request: the workload's, cut so prompt + output fit."""
+    return max(1, min(w.prompt_tokens, max_model_len - w.output_tokens - 8))
+
+
 def request_body(w: WorkloadRequest, config: ReplayConfig) -> dict[str, Any]:
     body: dict[str, Any] = {"model": config.model, "stream": True, "temperature": 0.0,
                             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
@@ -88,21 +95,20 @@ def request_body(w: WorkloadRequest, config: ReplayConfig) -> dict[str, Any]:
     if config.natural_lengths and w.prompt:
         body["prompt"] = w.prompt
         body["max_tokens"] = config.max_tokens_cap
-    else:
-        body["prompt"] = synthetic_prompt(w.id, min(w.prompt_tokens, config.max_prompt_tokens))
-        if config.natural_lengths:
-            body["max_tokens"] = config.max_tokens_cap
-        else:
-            body["max_tokens"] = w.output_tokens
-            body["ignore_eos"] = True
+    else:  # forced (also natural-length runs' calls that carry no text: compound calls have counts only)
+        body["prompt"] = synthetic_prompt(w.id, served_prompt_tokens(w, config.max_model_len))
+        body["max_tokens"] = max(1, min(w.output_tokens, config.max_model_len - len(body["prompt"]) - 8))
+        body["ignore_eos"] = True
     return body
 
 
 async def _send(http: httpx.AsyncClient, w: WorkloadRequest, config: ReplayConfig, t0: float) -> Observed:
-    seen = Observed(w.id, sent_s=time.monotonic() - t0)
+    body = request_body(w, config)
+    seen = Observed(w.id, sent_s=time.monotonic() - t0,
+                    prompt_tokens=len(body["prompt"]) if isinstance(body["prompt"], list) else w.prompt_tokens)
     count = 0
     try:
-        async with http.stream("POST", "/v1/completions", json=request_body(w, config),
+        async with http.stream("POST", "/v1/completions", json=body,
                                headers={"X-Request-Id": w.id}) as response:
             seen.status = response.status_code
             if response.status_code != 200:
@@ -114,6 +120,7 @@ async def _send(http: httpx.AsyncClient, w: WorkloadRequest, config: ReplayConfi
                 now = time.monotonic() - t0
                 chunk = json.loads(line[6:])
                 usage = chunk.get("usage") or {}
+                seen.prompt_tokens = int(usage.get("prompt_tokens") or seen.prompt_tokens)
                 total = int(usage.get("completion_tokens") or count)
                 for choice in chunk.get("choices") or []:
                     seen.text += choice.get("text") or ""
@@ -174,11 +181,11 @@ async def replay(workload: Sequence[WorkloadRequest], config: ReplayConfig,
         while tasks:
             await asyncio.gather(*list(tasks))
     wall = time.perf_counter() - started
-    return _result(workload, observed, released, wall)
+    return _result(workload, observed, released, wall, config)
 
 
 def _result(workload: Sequence[WorkloadRequest], observed: dict[str, Observed], released: dict[str, float],
-            wall: float) -> ReplayResult:
+            wall: float, config: ReplayConfig) -> ReplayResult:
     outcomes: list[RequestOutcome] = []
     job_arrival = {w.job_id: w.arrival_s for w in workload if w.job_id is not None and not w.depends_on}
     result = ReplayResult(outcomes, observed, wall)
@@ -201,7 +208,8 @@ def _result(workload: Sequence[WorkloadRequest], observed: dict[str, Observed], 
         if finished and not times:
             finished = False
         outcomes.append(RequestOutcome(
-            request_id=w.id, slo=w.slo(), arrival_s=arrival, prompt_tokens=w.prompt_tokens,
+            request_id=w.id, slo=w.slo(), arrival_s=arrival,
+            prompt_tokens=observed[w.id].prompt_tokens if w.id in observed else w.prompt_tokens,
             token_times_s=times, finished=finished, job_id=w.job_id,
             job_arrival_s=job_arrival.get(w.job_id) if w.job_id is not None else None))
     return result

@@ -194,14 +194,20 @@ class Simulator:
         step_noise: float = 0.0,
         horizon_s: float | None = None,
         check_decisions: bool = False,
+        charge_decisions: bool = False,
     ) -> None:
-        """``check_decisions``: validate every decision and the engine's invariants each step (tests)."""
+        """``check_decisions``: validate every decision and the engine's invariants each step (tests).
+        ``charge_decisions``: a decision's measured time (and the snapshot's) is added to the step it precedes,
+        as in a real engine whose scheduler runs inline with the step; off, decisions are free in simulated
+        time (deterministic runs)."""
         self.policy = policy
         self.profile = profile
         self.cfg = profile.engine
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.step_noise = step_noise
         self.check = check_decisions
+        self.charge_decisions = charge_decisions
+        self._charge_s = 0.0  # decision time not yet charged to a step
         self.timing = engine_timing(profile)
         self.block = profile.engine.block_size
         self.free_blocks = profile.engine.kv_blocks
@@ -363,6 +369,8 @@ class Simulator:
         t2 = time.perf_counter()
         self.stats.snapshot_s += t1 - t0
         self.stats.decision_s.append(t2 - t1)
+        if self.charge_decisions:
+            self._charge_s += t2 - t0
         self.stats.decisions += 1
         if self.check:
             verdict = check_decision(snapshot, decision)
@@ -495,6 +503,8 @@ class Simulator:
         self._pending_swap = 0  # charged to this step
         if self.step_noise > 0:
             dt *= max(0.5, 1.0 + self.step_noise * float(self.rng.standard_normal()))
+        dt += self._charge_s
+        self._charge_s = 0.0
         self.stats.prefill_tokens += prefill_tokens
         self.stats.decode_tokens += len(decodes)
         self.stats.resident_steps += len(self.resident)
