@@ -95,6 +95,13 @@ def bench_command(
                                             "(vLLM's after '--').")] = "",
     url: Annotated[str | None, typer.Option(help="--engine vllm: a running 'tempo serve' (one policy).")] = None,
     repeats: Annotated[int, typer.Option(help="--engine vllm: runs per policy, interleaved.", min=1)] = 1,
+    calibrate: Annotated[bool, typer.Option(help="--engine vllm: only measure the engine (unloaded TTFT by prompt "
+                                            "length, inter-token time, FCFS saturation) and write the calibrated "
+                                            "SLOs (--json).")] = False,
+    slo_calibration: Annotated[Path | None, typer.Option(help="--engine vllm: a --calibrate JSON; its SLOs are the "
+                                                         "workload's base SLOs.")] = None,
+    load: Annotated[str | None, typer.Option(help="--engine vllm: rates as multiples of the calibrated FCFS "
+                                             "saturation, e.g. 1,1.5,2 (needs --slo-calibration).")] = None,
     natural_lengths: Annotated[bool, typer.Option(help="--engine vllm: the model stops by itself (max_tokens is "
                                                   "a cap) instead of the workload's forced lengths.")] = False,
 ) -> None:
@@ -114,10 +121,12 @@ def bench_command(
         return
     specs = parse_policies(policies, estimator)
     if engine == "vllm":
-        from tempo.serving.bench.vllm_cli import engine_bench
+        from tempo.serving.bench.vllm_cli import EngineBenchArgs, engine_bench
 
-        engine_bench(specs, workload, rps, duration, mix, arrivals, seed, parse_tiers(tiers), model, serve_model,
-                     serve_args, url, repeats, natural_lengths, decode_weight, json_out, console)
+        engine_bench(EngineBenchArgs(specs, workload, rps, QUICK_DURATION_S if quick else duration, mix, arrivals,
+                                     seed, parse_tiers(tiers), model, serve_model, serve_args, url, repeats,
+                                     natural_lengths, decode_weight, calibrate, slo_calibration, load),
+                     json_out, console)
         return
     config = BenchConfig(
         policies=specs,

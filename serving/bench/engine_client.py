@@ -40,6 +40,8 @@ class ReplayConfig:
     max_model_len: int = 4096  # forced lengths: prompts are cut so that prompt + output fit the context
     request_timeout_s: float = 3600.0
     start_delay_s: float = 0.5
+    stop_at_s: float | None = None  # cancel whatever is still running this long after the start (measurements)
+    transport: Any = None  # an httpx transport (tests: an ASGI app standing in for the server)
 
 
 @dataclass
@@ -102,10 +104,12 @@ def request_body(w: WorkloadRequest, config: ReplayConfig) -> dict[str, Any]:
     return body
 
 
-async def _send(http: httpx.AsyncClient, w: WorkloadRequest, config: ReplayConfig, t0: float) -> Observed:
+async def _send(http: httpx.AsyncClient, w: WorkloadRequest, config: ReplayConfig, t0: float,
+                seen: Observed) -> Observed:
+    """Stream one request, filling ``seen`` as tokens arrive (a cancelled replay keeps what came)."""
     body = request_body(w, config)
-    seen = Observed(w.id, sent_s=time.monotonic() - t0,
-                    prompt_tokens=len(body["prompt"]) if isinstance(body["prompt"], list) else w.prompt_tokens)
+    seen.sent_s = time.monotonic() - t0
+    seen.prompt_tokens = len(body["prompt"]) if isinstance(body["prompt"], list) else w.prompt_tokens
     count = 0
     try:
         async with http.stream("POST", "/v1/completions", json=body,
@@ -150,7 +154,8 @@ async def replay(workload: Sequence[WorkloadRequest], config: ReplayConfig,
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
     timeout = httpx.Timeout(config.request_timeout_s, connect=30.0)
     started = time.perf_counter()
-    async with httpx.AsyncClient(base_url=config.url, limits=limits, timeout=timeout) as http:
+    async with httpx.AsyncClient(base_url=config.url, limits=limits, timeout=timeout,
+                                 transport=config.transport) as http:
         t0 = time.monotonic() + config.start_delay_s
         tasks: set[asyncio.Task[None]] = set()
 
@@ -159,7 +164,8 @@ async def replay(workload: Sequence[WorkloadRequest], config: ReplayConfig,
             if w.job_id is not None and w.job_id in failed_jobs:
                 return
             released[w.id] = time.monotonic() - t0
-            seen = observed[w.id] = await _send(http, w, config, t0)
+            seen = observed[w.id] = Observed(w.id)
+            await _send(http, w, config, t0, seen)
             if progress is not None:
                 progress()
             ok = seen.status == 200 and seen.finish_reason in ("stop", "length") and seen.error is None
@@ -178,8 +184,17 @@ async def replay(workload: Sequence[WorkloadRequest], config: ReplayConfig,
         for w in workload:
             if not w.depends_on:
                 spawn(w, w.arrival_s)
+        if config.stop_at_s is not None:
+            async def stop() -> None:
+                await asyncio.sleep(max(0.0, t0 + config.stop_at_s - time.monotonic()))
+                for task in list(tasks):
+                    task.cancel()
+
+            stopper = asyncio.create_task(stop())
         while tasks:
-            await asyncio.gather(*list(tasks))
+            await asyncio.gather(*list(tasks), return_exceptions=True)
+        if config.stop_at_s is not None:
+            stopper.cancel()
     wall = time.perf_counter() - started
     return _result(workload, observed, released, wall, config)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,46 +20,130 @@ from tempo.serving.workloads.sources import azure_conv_trace_path
 from tempo.errors import TempoError
 
 
-def engine_bench(specs: list[PolicySpec], workload_path: Path | None, rps: str | None, duration: float, mix: str,
-                 arrivals: str, seed: int, tiers: tuple[int, ...], model: str, serve_model: str, serve_args: str,
-                 url: str | None, repeats: int, natural: bool, decode_weight: float, json_out: Path | None,
-                 console: Console) -> None:
+@dataclass
+class EngineBenchArgs:
+    """The ``tempo bench`` options that matter with ``--engine vllm``."""
+
+    specs: list[PolicySpec]
+    workload: Path | None
+    rps: str | None
+    duration_s: float
+    mix: str
+    arrivals: str
+    seed: int
+    tiers: tuple[int, ...]
+    model: str  # whose CASTILLO lengths the workload uses
+    serve_model: str
+    serve_args: str
+    url: str | None
+    repeats: int
+    natural: bool
+    decode_weight: float
+    calibrate: bool = False
+    slo_calibration: Path | None = None
+    load: str | None = None
+
+
+def _spec(args: EngineBenchArgs, rps: float, slo: dict[str, float] | None) -> WorkloadSpec:
     from tempo.serving.workloads.builder import ClassMix
 
-    if any(s.estimator not in ("empirical", "oracle") for s in specs):
+    trace = str(azure_conv_trace_path()) if args.arrivals == "azure-conv" else args.arrivals
+    extra = {} if slo is None else {"ttft_s": slo["ttft_s"], "tbt_s": slo["tbt_s"], "deadline_s": slo["deadline_s"],
+                                   "stage_deadline_s": slo["stage_deadline_s"]}
+    return WorkloadSpec(rps=rps, duration_s=args.duration_s, mix=ClassMix.parse(args.mix), arrivals=trace,
+                        seed=args.seed, model=args.model, tiers=args.tiers, **extra)
+
+
+def engine_calibrate(args: EngineBenchArgs, json_out: Path | None, console: Console) -> dict[str, Any]:
+    """Measure the engine under FCFS and write the calibrated SLOs and saturation rate."""
+    from tempo.serving.bench.calibrate import calibrate
+    from tempo.serving.bench.vllm_bench import SERVED_NAMES
+    from tempo.serving.vllm.launch import ManagedServer
+
+    served = SERVED_NAMES.get(args.serve_model, Path(args.serve_model).name)
+    probe = build_workload(_spec(args, 2.0, None))
+    with console.status("calibrating: unloaded TTFT and inter-token time, then FCFS overloaded ..."), \
+            ManagedServer(["--model", args.serve_model, "--policy", "fcfs", *shlex.split(args.serve_args)],
+                          Path("out/bench-vllm-logs/calibrate.log")) as server:
+        quick = calibrate(server.url, served, probe)
+        overload_rps = 4 * quick["saturation"]["rps"]
+        overload = build_workload(_spec(args, overload_rps, quick["slo"]))
+        result = calibrate(server.url, served, probe, overload=overload)
+    result["config"] = {"serve_model": args.serve_model, "serve_args": args.serve_args, "mix": args.mix,
+                        "arrivals": args.arrivals, "overload_rps": overload_rps, "duration_s": args.duration_s}
+    slo, sat = result["slo"], result["saturation"]
+    console.print(f"calibrated: TTFT {slo['ttft_s']:.3f} s, TBT {slo['tbt_s'] * 1000:.1f} ms, deadline "
+                  f"{slo['deadline_s']:.2f} s, compound {slo['stage_deadline_s']:.2f} s per stage; FCFS saturation "
+                  f"{sat['tokens_per_s']:,.0f} tokens/s = {sat['rps']:.3f} arrivals/s")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        console.print(f"wrote {json_out}")
+    return result
+
+
+def engine_bench(args: EngineBenchArgs, json_out: Path | None, console: Console) -> None:
+    if any(s.estimator not in ("empirical", "oracle") for s in args.specs):
         raise TempoError("--engine vllm: bounds come from 'tempo serve' (--serve-args '--estimator-url ...'), "
                          "not from a policy's ':ESTIMATOR'")
-    if workload_path is not None:
-        workload = read_workload(workload_path)
-    elif rps is not None and "," not in rps:
-        trace = str(azure_conv_trace_path()) if arrivals == "azure-conv" else arrivals
-        workload = build_workload(WorkloadSpec(rps=float(rps), duration_s=duration, mix=ClassMix.parse(mix),
-                                               arrivals=trace, seed=seed, model=model, tiers=tiers))
+    if args.calibrate:
+        engine_calibrate(args, json_out, console)
+        return
+    calibration = None
+    if args.slo_calibration is not None:
+        try:
+            calibration = json.loads(args.slo_calibration.read_text())
+            calibration["slo"], calibration["saturation"]["rps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise TempoError(f"--slo-calibration {args.slo_calibration}: not a calibration file (write one with "
+                             "--calibrate --json FILE)") from None
+    rates: list[tuple[str, list[Any]]] = []
+    if args.workload is not None:
+        rates.append((str(args.workload), read_workload(args.workload)))
     else:
-        raise TempoError("--engine vllm needs --workload FILE or one --rps")
-    if not workload:
+        if args.load is not None:
+            if calibration is None:
+                raise TempoError("--load needs --slo-calibration FILE (the measured saturation rate)")
+            values = [float(x) * calibration["saturation"]["rps"] for x in args.load.split(",")]
+        elif args.rps is not None:
+            values = [float(x) for x in args.rps.split(",")]
+        else:
+            raise TempoError("--engine vllm needs --workload FILE, --rps or --load")
+        slo = calibration["slo"] if calibration else None
+        rates += [(f"{r:.3f}/s", build_workload(_spec(args, r, slo))) for r in values]
+    if any(not w for _, w in rates):
         raise TempoError("the workload is empty")
-    labels = [s.name + ("@" + "+".join(f"{k}={v}" for k, v in s.params) if s.params else "") for s in specs]
-    config = EngineBenchConfig(labels, serve_model, repeats, natural, decode_weight, shlex.split(serve_args), url)
-    runs = repeats * (1 if url else len(labels))
+    labels = [s.name + ("@" + "+".join(f"{k}={v}" for k, v in s.params) if s.params else "") for s in args.specs]
+    config = EngineBenchConfig(labels, args.serve_model, args.repeats, args.natural, args.decode_weight,
+                               shlex.split(args.serve_args), args.url)
+    results = []
+    runs = len(rates) * args.repeats * (1 if args.url else len(labels))
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("engine benchmark", total=runs)
         finished: dict[str, float] = {}
+        for rate, workload in rates:
+            def on_progress(label: str, fraction: float, rate: str = rate) -> None:
+                finished[f"{rate} {label}"] = fraction
+                progress.update(task, description=f"{rate}: {label}", completed=sum(finished.values()))
 
-        def on_progress(label: str, fraction: float) -> None:
-            finished[label] = fraction
-            progress.update(task, description=label, completed=sum(finished.values()))
-
-        result = run_engine_bench(workload, config, on_progress)
-    result["config"] = {"policies": labels, "serve_model": serve_model, "serve_args": serve_args,
-                        "repeats": repeats, "natural_lengths": natural, "requests": len(workload),
-                        "workload": str(workload_path) if workload_path else {"rps": rps, "duration_s": duration,
-                                                                               "mix": mix, "seed": seed}}
-    print_engine_bench(result, console)
+            result = run_engine_bench(workload, config, on_progress)
+            result.update(rate=rate, requests=len(workload))
+            if calibration is not None:
+                result["load"] = len({w.job_id or w.id for w in workload}) / max(1e-9, args.duration_s) / \
+                    calibration["saturation"]["rps"]
+            results.append(result)
+    out = {"config": {"policies": labels, "serve_model": args.serve_model, "serve_args": args.serve_args,
+                      "repeats": args.repeats, "natural_lengths": args.natural, "mix": args.mix, "seed": args.seed,
+                      "duration_s": args.duration_s, "arrivals": args.arrivals},
+           "calibration": calibration, "rates": results}
+    for result in results:
+        console.print(f"[bold]{result['rate']}[/] ({result['requests']} requests"
+                      + (f", {result['load']:.2f}x saturation" if "load" in result else "") + ")")
+        print_engine_bench(result, console)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        json_out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
         console.print(f"wrote {json_out}")
 
 

@@ -1,0 +1,82 @@
+"""The workload replay client against a stand-in server: arrival times, compound stages released when their
+dependencies finish, a rejected call stops its job, token times and refusals as the client sees them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+from tempo.scheduler.goodput import account
+from tempo.serving.bench.engine_client import ReplayConfig, replay, request_body
+from tempo.serving.sim.testing import make_request
+
+
+class FakeServer:
+    """Streams ``max_tokens`` tokens 10 ms apart; answers 'abort' for requests whose id starts with 'rej',
+    503 for 'busy'."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[float, str, dict[str, Any]]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        body = json.loads((await receive())["body"])
+        rid = dict(scope["headers"])[b"x-request-id"].decode()
+        self.received.append((time.monotonic(), rid, body))
+        if rid.startswith("busy"):
+            await send({"type": "http.response.start", "status": 503, "headers": []})
+            await send({"type": "http.response.body", "body": b'{"error": {"message": "overloaded"}}'})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        n = 0 if rid.startswith("rej") else body["max_tokens"]
+        for i in range(1, n + 1):
+            await asyncio.sleep(0.01)
+            chunk = {"choices": [{"text": "x", "finish_reason": "length" if i == n else None}],
+                     "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": i}}
+            await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(),
+                        "more_body": True})
+        if n == 0:
+            chunk = {"choices": [{"text": "", "finish_reason": "abort", "stop_reason": "tempo: rejected: late"}]}
+            await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(),
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+def job(prefix: str, first_ids: tuple[str, str] = ("0.0", "0.1")) -> list[Any]:
+    first = [make_request(f"{prefix}{k}", "compound", arrival_s=0.1, prompt_tokens=30, output_tokens=3,
+                          job_id=prefix, stage=0) for k in first_ids]
+    second = make_request(f"{prefix}1.0", "compound", arrival_s=0.1, prompt_tokens=30, output_tokens=2,
+                          job_id=prefix, stage=1, depends_on=[w.id for w in first])
+    return [*first, second]
+
+
+def run(workload: list[Any]) -> tuple[Any, FakeServer]:
+    server = FakeServer()
+    config = ReplayConfig("http://fake", "m", transport=httpx.ASGITransport(app=server), start_delay_s=0.05)
+    return asyncio.run(replay(workload, config)), server
+
+
+def test_stages_are_released_after_their_dependencies_and_times_are_the_clients() -> None:
+    chat = make_request("c", "latency", arrival_s=0.3, prompt_tokens=12, output_tokens=5)
+    result, server = run([chat, *job("J.")])
+    order = [rid for _, rid, _ in server.received]
+    assert order.index("J.1.0") > max(order.index("J.0.0"), order.index("J.0.1"))
+    sent = {rid: at for at, rid, _ in server.received}
+    assert 0.15 < sent["c"] - sent["J.0.0"] < 0.35  # sent at its own arrival time
+    outcomes = {o.request_id: o for o in result.outcomes}
+    assert outcomes["c"].finished and len(outcomes["c"].token_times_s) == 5
+    assert outcomes["J.1.0"].arrival_s >= max(outcomes["J.0.0"].token_times_s)  # released when stage 0 ended
+    assert outcomes["J.1.0"].job_arrival_s == 0.1
+    body = request_body(chat, ReplayConfig("u", "m"))
+    assert body["vllm_xargs"]["slo_class"] == "latency" and body["ignore_eos"] and len(body["prompt"]) == 12
+    assert account(result.outcomes, duration_s=1.0).per_class  # the simulator's accounting takes them
+
+
+def test_a_rejected_or_refused_call_stops_its_job() -> None:
+    busy = make_request("busy", "deadline", arrival_s=0.1, output_tokens=4)
+    result, server = run([*job("rejK.", ("0.0", "0.1")), busy])  # 'rej...' calls are rejected by the server
+    assert "rejK.1.0" not in [rid for _, rid, _ in server.received]
+    assert result.rejected >= 1 and result.refused == 1 and result.rejected + result.never_sent == 3
+    assert not any(o.finished for o in result.outcomes)
