@@ -95,6 +95,9 @@ def bench_command(
                                             "(vLLM's after '--').")] = "",
     url: Annotated[str | None, typer.Option(help="--engine vllm: a running 'tempo serve' (one policy).")] = None,
     repeats: Annotated[int, typer.Option(help="--engine vllm: runs per policy, interleaved.", min=1)] = 1,
+    learning_loop: Annotated[bool, typer.Option(help="--engine vllm: the estimator learning the served model's "
+                                                "own lengths online (SmolLM2, natural lengths).")] = False,
+    completions: Annotated[int, typer.Option(help="--learning-loop: completions to send.", min=50)] = 600,
     calibrate: Annotated[bool, typer.Option(help="--engine vllm: only measure the engine (unloaded TTFT by prompt "
                                             "length, inter-token time, FCFS saturation) and write the calibrated "
                                             "SLOs (--json).")] = False,
@@ -121,7 +124,11 @@ def bench_command(
         return
     specs = parse_policies(policies, estimator)
     if engine == "vllm":
-        from tempo.serving.bench.vllm_cli import EngineBenchArgs, engine_bench
+        from tempo.serving.bench.vllm_cli import EngineBenchArgs, engine_bench, engine_learning_loop
+
+        if learning_loop:
+            engine_learning_loop("smollm2" if serve_model == "tiny" else serve_model, completions, json_out, console)
+            return
 
         engine_bench(EngineBenchArgs(specs, workload, rps, QUICK_DURATION_S if quick else duration, mix, arrivals,
                                      seed, parse_tiers(tiers), model, serve_model, serve_args, url, repeats,

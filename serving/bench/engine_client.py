@@ -1,15 +1,16 @@
 """Replay a workload file against a running ``tempo serve`` and observe what a client sees.
 
 Every request is sent at its arrival time (a compound call when the calls it depends on have finished,
-as the simulator releases them) as a streaming ``/v1/completions`` request with the SLO fields of
+as the simulator releases them) as a streaming request with the SLO fields of
 ``tempo serve`` in ``vllm_xargs``. Lengths are forced (``max_tokens`` = the workload's length,
 ``ignore_eos``, as ``vllm bench`` does) or natural (``natural_lengths``: the model stops by itself,
 ``max_tokens`` is a cap; requests without text, such as compound calls, stay forced). Token times are
 taken at the client from the stream (each chunk carries the cumulative usage); the outcomes feed
 ``tempo.scheduler.goodput.account`` like the simulator's.
 
-Forced-length prompts are token ids of the workload's prompt length (the served model's tokenizer would
-count the workload's text differently); natural-length prompts are the workload's text.
+Forced-length prompts are token ids of the workload's prompt length (``/v1/completions``: the served
+model's tokenizer would count the workload's text differently); natural-length prompts are the workload's
+text as a user message (``/v1/chat/completions``: an instruct model answers it as it would in use).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def request_body(w: WorkloadRequest, config: ReplayConfig) -> dict[str, Any]:
                             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
                             "vllm_xargs": slo_xargs(w)}
     if config.natural_lengths and w.prompt:
-        body["prompt"] = w.prompt
+        body["messages"] = [{"role": "user", "content": w.prompt}]
         body["max_tokens"] = config.max_tokens_cap
     else:  # forced (also natural-length runs' calls that carry no text: compound calls have counts only)
         body["prompt"] = synthetic_prompt(w.id, served_prompt_tokens(w, config.max_model_len))
@@ -109,10 +110,11 @@ async def _send(http: httpx.AsyncClient, w: WorkloadRequest, config: ReplayConfi
     """Stream one request, filling ``seen`` as tokens arrive (a cancelled replay keeps what came)."""
     body = request_body(w, config)
     seen.sent_s = time.monotonic() - t0
-    seen.prompt_tokens = len(body["prompt"]) if isinstance(body["prompt"], list) else w.prompt_tokens
+    chat = "messages" in body
+    seen.prompt_tokens = w.prompt_tokens if chat else len(body["prompt"])
     count = 0
     try:
-        async with http.stream("POST", "/v1/completions", json=body,
+        async with http.stream("POST", "/v1/chat/completions" if chat else "/v1/completions", json=body,
                                headers={"X-Request-Id": w.id}) as response:
             seen.status = response.status_code
             if response.status_code != 200:
@@ -127,7 +129,7 @@ async def _send(http: httpx.AsyncClient, w: WorkloadRequest, config: ReplayConfi
                 seen.prompt_tokens = int(usage.get("prompt_tokens") or seen.prompt_tokens)
                 total = int(usage.get("completion_tokens") or count)
                 for choice in chunk.get("choices") or []:
-                    seen.text += choice.get("text") or ""
+                    seen.text += (choice.get("delta") or {}).get("content") or "" if chat else choice.get("text") or ""
                     if choice.get("finish_reason"):
                         seen.finish_reason = choice["finish_reason"]
                         seen.stop_reason = choice.get("stop_reason")

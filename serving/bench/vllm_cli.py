@@ -198,3 +198,27 @@ def engine_cost(running: str, json_out: Path | None, console: Console) -> None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         console.print(f"wrote {json_out}")
+
+
+def engine_learning_loop(model: str, completions: int, json_out: Path | None, console: Console) -> None:
+    from tempo.serving.bench.learning_loop import run_learning_loop
+
+    with console.status("learning loop ...") as status:
+        result = run_learning_loop(n=completions, model=model, stage=lambda s: status.update(f"learning loop: {s}"))
+    roll = result["rolling"]
+    table = Table(title=f"rolling coverage of the served bound (q = 0.9, windows of {roll['window']} completions "
+                        "that ended by themselves)", title_justify="left")
+    for column in ("completions", "coverage", "reserved / used", "fallback share"):
+        table.add_column(column, justify="right")
+    for point in roll["points"]:
+        table.add_row(str(point["completions"]), f"{point['coverage']:.3f}", f"{point['reserved_per_used']:.2f}",
+                      f"{point['fallback_share']:.2f}")
+    console.print(table)
+    console.print(f"{result['completions']} completions ({roll['stop_completions']} ended by themselves, "
+                  f"{roll['capped_completions']} at max_tokens); within 0.03 of q from "
+                  f"{roll['within_0.03_from']} completions on; retrain: "
+                  f"{(result['retrain'].get('report') or {}).get('status', result['retrain'].get('returncode'))}")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
+        console.print(f"wrote {json_out}")
