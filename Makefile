@@ -36,8 +36,10 @@ vllm: $(VLLM_STAMP)
 demo: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/tempo demo
 
+# ruff on everything, mypy --strict on the scheduler (CI runs both)
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python .ci/typecheck.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .cache .pytest_cache .hypothesis

@@ -223,10 +223,37 @@ def rollback(redis_url: RedisUrl = None) -> None:
     typer.echo(_store(settings).rollback())
 
 
-# -- eval lives in models/ (another owner): registered when that module exists -----------------------
+# -- eval lives in models/ and needs the 'ml' extra: without it the command says what is missing -----------
+ML_MODULES = ("sklearn", "lightgbm", "quantile_forest", "scipy", "pandas")
+
+
+def _missing_ml() -> list[str]:
+    import importlib.util
+
+    return [name for name in ML_MODULES if importlib.util.find_spec(name) is None]
+
+
+def _needs_ml(missing: list[str]) -> TempoError:
+    return TempoError(f"'tempo estimator eval' needs the 'ml' extra ({', '.join(missing)} not installed): "
+                      "pip install 'tempo-serve[ml]', or use the environment 'make test' builds")
+
+
 try:
-    from tempo.models.eval_cli import eval_command  # type: ignore[import-not-found,unused-ignore]
-except ImportError:  # not written yet: `tempo estimator eval` is missing until it is
-    eval_command = None
-if eval_command is not None:
-    estimator_app.command("eval")(eval_command)
+    from tempo.models.eval_cli import eval_command as _eval_command
+except ImportError as exc:
+    _import_error = [exc.name or str(exc)]
+
+    @estimator_app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def eval_command() -> None:
+        """Evaluate the length models (needs the 'ml' extra)."""
+        raise _needs_ml(_import_error)
+else:
+    import functools
+
+    @estimator_app.command("eval")
+    @functools.wraps(_eval_command)
+    def eval_command(*args: Any, **kwargs: Any) -> Any:
+        missing = _missing_ml()
+        if missing:
+            raise _needs_ml(missing)
+        return _eval_command(*args, **kwargs)

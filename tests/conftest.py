@@ -70,12 +70,39 @@ class RedisServer:
             self.process = None
 
 
+SENTINEL = "tempo:tests:claimed"  # marks a database the test session claimed (empty when claimed)
+
+
+def claim_empty_database(url: str) -> str:
+    """A URL of ``url``'s server on a database the tests may flush: an empty one (db 15 down to 1), marked as
+    claimed. The tests never flush a database they did not claim (it may be the user's)."""
+    prefix = url.rsplit("/", 1)[0] if url.count("/") > 2 else url.rstrip("/")
+    for index in range(15, 0, -1):
+        candidate = f"{prefix}/{index}"
+        client = redis.Redis.from_url(candidate)
+        try:
+            if client.dbsize() == 0 and client.set(SENTINEL, str(os.getpid()), nx=True):
+                return candidate
+        except redis.ResponseError:  # fewer databases configured
+            continue
+        finally:
+            client.close()
+    pytest.fail(f"TEMPO_REDIS_URL={url}: no empty database (1-15) to claim; the tests flush the database they "
+                "use, so they never use one that holds data")
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a real Redis server for the whole session."""
+    """URL of a real Redis server for the whole session: our own on a free port, or an empty database
+    claimed on the server TEMPO_REDIS_URL names."""
     configured = os.environ.get("TEMPO_REDIS_URL")
     if configured:
-        yield configured
+        url = claim_empty_database(configured)
+        yield url
+        client = redis.Redis.from_url(url)
+        if client.exists(SENTINEL):
+            client.flushdb()  # ours: claimed empty, so everything in it is the tests'
+        client.close()
         return
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
@@ -85,11 +112,21 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+def _flush_if_ours(client: redis.Redis, own_server: bool) -> None:
+    if own_server or client.exists(SENTINEL):
+        client.flushdb()
+        if not own_server:
+            client.set(SENTINEL, str(os.getpid()))
+    else:
+        pytest.fail("refusing to flush a Redis database the tests did not claim")
+
+
 @pytest.fixture()
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    """A client on a flushed database."""
+    """A client on a flushed database (one the tests own: their own server, or a claimed empty database)."""
+    own = not os.environ.get("TEMPO_REDIS_URL")
     client = redis.Redis.from_url(redis_url)
-    client.flushdb()
+    _flush_if_ours(client, own)
     yield client
-    client.flushdb()
+    _flush_if_ours(client, own)
     client.close()

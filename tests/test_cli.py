@@ -12,12 +12,20 @@ from tempo.serving.workloads.sources import azure_conv_trace_path
 
 from tempo.cli import main
 
+SUBCOMMANDS = ("workload", "estimator", "profile", "bench", "serve", "demo")
+
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from tempo.cli import app
+
+    assert set(typer.main.get_command(app).commands) == set(SUBCOMMANDS)  # type: ignore[attr-defined]
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("workload", "estimator", "profile", "bench", "serve", "demo"):
-        assert name in out
+    commands = out[out.index("Commands"):]  # the app's description names some of them too: look at the table
+    listed = {line.strip("│ ").split()[0] for line in commands.splitlines()[1:] if line.startswith("│ ")}
+    assert set(SUBCOMMANDS) <= listed
 
 
 def test_build_then_stats_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -63,3 +71,14 @@ def test_installed_entry_point_exits_2_without_traceback(tmp_path: Path) -> None
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("tempo: error:") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_without_the_ml_extra_says_what_is_missing() -> None:
+    code = ("import sys\n"
+            "for name in ('sklearn', 'lightgbm', 'quantile_forest', 'river', 'skops'):\n"
+            "    sys.modules[name] = None\n"
+            "from tempo.cli import main\n"
+            "sys.exit(main(['estimator', 'eval', '--json', 'x.json']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "needs the 'ml' extra" in result.stderr and len(result.stderr.strip().splitlines()) == 1
