@@ -13,6 +13,8 @@ from tempo.serving.workloads.builder import DEFAULT_MODEL, ClassMix, WorkloadSpe
 from tempo.serving.workloads.format import read_workload, write_workload
 from tempo.serving.workloads.stats import summarize
 
+from tempo.errors import TempoError
+
 workload_app = typer.Typer(help="Build mixed-class workloads from real data and summarise them.", no_args_is_help=True)
 
 
@@ -27,6 +29,16 @@ def parse_tiers(text: str) -> tuple[int, ...]:
         return tuple(int(t) for t in text.split(","))
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+def calibrated_slos(path: Path) -> dict[str, float]:
+    """The base SLOs (``ttft_s``, ``tbt_s``, ``deadline_s``, ``stage_deadline_s``) of a calibration file."""
+    try:
+        slo = json.loads(path.read_text())["slo"]
+        return {k: float(slo[k]) for k in ("ttft_s", "tbt_s", "deadline_s", "stage_deadline_s")}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TempoError(f"{path}: not an SLO calibration file (write one with 'tempo bench --engine vllm "
+                         "--calibrate --json FILE')") from None
 
 
 @workload_app.command("build")
@@ -48,8 +60,14 @@ def build(
         typer.Option(help="Draw prompts only from this split of CASTILLO (fit, calibration, test); 'test' keeps "
                      "the workload's prompts out of the length models' training data."),
     ] = None,
+    slo_calibration: Annotated[
+        Path | None,
+        typer.Option(help="Base SLOs from a 'tempo bench --engine vllm --calibrate' JSON instead of the defaults "
+                     "(TTFT 2 s, TBT 0.1 s, deadline 20 s, 20 s per compound stage)."),
+    ] = None,
 ) -> None:
     """Build a workload and write it as JSONL (format: README, 'Workload format')."""
+    base = calibrated_slos(slo_calibration) if slo_calibration is not None else {}
     spec = WorkloadSpec(
         rps=rps,
         duration_s=duration,
@@ -59,6 +77,7 @@ def build(
         model=model,
         tiers=parse_tiers(tiers),
         prompt_split=prompt_split,
+        **base,
     )
     requests = build_workload(spec)
     count = write_workload(output, requests)
