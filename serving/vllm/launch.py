@@ -23,6 +23,34 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_healthy(process: subprocess.Popen[bytes], url: str, what: str, log: Path, timeout_s: float) -> bool:
+    """Poll ``url`` until it answers 200 (True) or ``timeout_s`` passes (False); TempoError if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise TempoError(f"{what} exited with {process.returncode}; see {log}:\n"
+                             + log.read_text(errors="replace")[-2000:])
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def stop_group(process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """SIGTERM the process group, SIGKILL it after ``timeout_s``."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 class ManagedServer:
     """``with ManagedServer([...tempo serve options...], log) as server: server.url``."""
 
@@ -43,30 +71,14 @@ class ManagedServer:
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                             env={**os.environ, **self.env}, start_new_session=True)
-        deadline = time.monotonic() + self.startup_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise TempoError(f"tempo serve exited with {self.process.returncode}; see {self.log}:\n"
-                                 + self.log.read_text(errors="replace")[-2000:])
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        if wait_healthy(self.process, f"{self.url}/health", "tempo serve", self.log, self.startup_s):
+            return self
         self.stop()
         raise TempoError(f"tempo serve did not answer within {self.startup_s:.0f} s; see {self.log}")
 
     def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if self.process is not None:
+            stop_group(self.process)
 
     def __enter__(self) -> ManagedServer:
         return self.start()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,8 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import httpx
-from tempo.serving.vllm.launch import free_port
+from tempo.serving.vllm.launch import free_port, stop_group, wait_healthy
 
 from tempo.errors import TempoError
 
@@ -110,26 +108,13 @@ class EstimatorService:
             self.process = subprocess.Popen([sys.executable, "-m", "tempo.cli", "estimator", "serve", "--port",
                                              str(self.port)], env=env, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise TempoError(f"the estimator service exited; see {log}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        if wait_healthy(self.process, f"{self.url}/healthz", "the estimator service", log, 120):
+            return
         self.close()
         raise TempoError(f"the estimator service did not answer within 120 s; see {log}")
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+        stop_group(self.process, 20)
         shutil.rmtree(self.artifacts, ignore_errors=True)
 
 
