@@ -8,9 +8,8 @@ is activated only when not worse than the active model on held-back completions)
 prompts (the test split) are sent at a fixed concurrency, the model answering in its own words (natural
 lengths, capped at ``max_tokens``); no restart anywhere.
 
-From the stream, in completion order: rolling coverage of the served initial bound (completions that ended
-by themselves: ``stop``; answers cut at ``max_tokens`` are covered by any capped bound and reported apart),
-and reserved tokens per used token.
+From the stream, in completion order: rolling coverage of the served initial bound and reserved tokens per
+used token (see ``rolling``).
 """
 
 from __future__ import annotations
@@ -75,21 +74,31 @@ async def _drive(url: str, model: str, prompts: list[tuple[str, str, str]], conc
         await asyncio.gather(*(worker(http) for _ in range(concurrency)))
 
 
-def rolling(records: list[dict[str, Any]], window: int, quantile: float) -> dict[str, Any]:
-    """Coverage of the initial bound and reserved/used over the stream, in windows of completions."""
-    ended = [r for r in records if r.get("finish_reason") == "stop" and r.get("bound")]
+def _window_points(records: list[dict[str, Any]], window: int) -> list[dict[str, Any]]:
     points = []
-    for end in range(window, len(ended) + 1, max(1, window // 5)):
-        part = ended[end - window:end]
+    for end in range(window, len(records) + 1, max(1, window // 5)):
+        part = records[end - window:end]
         used = max(1, sum(r["output_tokens"] for r in part))
         points.append({"completions": end,
                        "coverage": sum(r["output_tokens"] <= r["bound"] for r in part) / len(part),
                        "reserved_per_used": sum(r["bound"] for r in part) / used,
                        "fallback_share": sum(bool(r.get("bound_fallback")) for r in part) / len(part)})
+    return points
+
+
+def rolling(records: list[dict[str, Any]], window: int, quantile: float) -> dict[str, Any]:
+    """Coverage of the served initial bound and reserved/used over the stream, in windows of completions.
+
+    Every completion counts: an answer cut at ``max_tokens`` is covered exactly when its bound reached
+    ``max_tokens`` (bounds are capped there), so coverage is observed even though its length is not. The
+    windows of answers that ended by themselves (``stop``) are reported beside."""
+    done = [r for r in records if r.get("finish_reason") in ("stop", "length") and r.get("bound")]
+    points = _window_points(done, window)
     within = next((p["completions"] for i, p in enumerate(points)
                    if all(abs(q["coverage"] - quantile) <= 0.03 for q in points[i:])), None)
-    capped = [r for r in records if r.get("finish_reason") == "length"]
-    return {"window": window, "points": points, "stop_completions": len(ended), "capped_completions": len(capped),
+    stopped = [r for r in done if r["finish_reason"] == "stop"]
+    return {"window": window, "points": points, "stop_points": _window_points(stopped, window),
+            "stop_completions": len(stopped), "capped_completions": len(done) - len(stopped),
             "within_0.03_from": within}
 
 
@@ -106,7 +115,7 @@ def run_learning_loop(n: int = 600, concurrency: int = 16, max_tokens: int = 512
         estimator = stack.add(EstimatorService(redis.url, artifact, logs / "estimator.log"))
         stage("tempo serve")
         server = stack.add(ManagedServer(["--model", model, "--policy", "tempo", "--redis-url", redis.url,
-                                          "--estimator-url", estimator.url, "--estimator-timeout", "0.2"],
+                                          "--estimator-url", estimator.url, "--estimator-timeout", "0.5"],
                                          logs / "serve.log").start())
         retrain: dict[str, Any] = {}
 
@@ -135,5 +144,7 @@ def run_learning_loop(n: int = 600, concurrency: int = 16, max_tokens: int = 512
     return {"completions": len(records), "concurrency": concurrency, "max_tokens": max_tokens,
             "quantile": 0.9, "rolling": rolling(records, window, 0.9), "retrain": retrain, "models": models,
             "wall_s": round(time.perf_counter() - started, 1),
+            "records": [{k: r.get(k) for k in ("request_id", "slo_class", "app", "output_tokens", "bound",
+                                               "bound_fallback", "finish_reason")} for r in records],
             "lengths": {"median_output": sorted(r["output_tokens"] for r in records)[len(records) // 2]
                         if records else None}}

@@ -206,8 +206,8 @@ def engine_learning_loop(model: str, completions: int, json_out: Path | None, co
     with console.status("learning loop ...") as status:
         result = run_learning_loop(n=completions, model=model, stage=lambda s: status.update(f"learning loop: {s}"))
     roll = result["rolling"]
-    table = Table(title=f"rolling coverage of the served bound (q = 0.9, windows of {roll['window']} completions "
-                        "that ended by themselves)", title_justify="left")
+    table = Table(title=f"rolling coverage of the served bound (q = 0.9, windows of {roll['window']} "
+                        "completions)", title_justify="left")
     for column in ("completions", "coverage", "reserved / used", "fallback share"):
         table.add_column(column, justify="right")
     for point in roll["points"]:
