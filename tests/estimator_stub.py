@@ -20,17 +20,20 @@ class _Handler(BaseHTTPRequestHandler):
         mode = self.server.mode
         self.server.calls += 1
         if mode == "slow":
-            time.sleep(0.5)
+            time.sleep(3.0)
         n = len(body.get("requests", [body]))
         estimate = {"upper_bound": LADDER[0][1], "quantile": 0.9, "ladder": LADDER, "model_version": "stub",
                     "fallback": False, "source": "batch"}
         if mode == "absurd":
             estimate = {**estimate, "ladder": [[5, 1]]}
         data = b"not json" if mode == "garbage" else json.dumps({"estimates": [estimate] * n}).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(200)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up waiting: what the slow mode is for
 
     def log_message(self, *args: Any) -> None:
         pass

@@ -112,7 +112,7 @@ def test_overload_is_refused_at_once_with_a_reason() -> None:
             r = await http.post(CHAT, json=chat())
             elapsed = time.perf_counter() - started
             assert r.status_code == 503 and r.headers["x-tempo-request-dropped-reason"] == "queue-full"
-            assert "overloaded" in r.json()["error"]["message"] and elapsed < 0.1
+            assert "overloaded" in r.json()["error"]["message"] and elapsed < 1.0  # not queued behind the others
             down.release.set()
             assert [t.status_code for t in await asyncio.gather(*held)] == [200, 200]
             assert middleware.in_flight == 0
@@ -152,7 +152,7 @@ def test_the_estimator_never_holds_serving_back(stub: StubEstimator, mode: str) 
             started = time.perf_counter()
             r = await http.post(CHAT, json=chat(vllm_xargs={"deadline_s": 10}))
             elapsed = time.perf_counter() - started
-        assert r.status_code == 200 and elapsed < 0.4
+        assert r.status_code == 200 and elapsed < 2.0  # the slow stub takes 3 s; the timeout is 0.1 s
         ladder = ladder_from_xargs(down.bodies[-1]["vllm_xargs"])
         assert ladder is not None
         if mode == "ok":
