@@ -185,3 +185,12 @@ def test_cli_bench_bad_input_is_one_line_and_exit_2(
     code = main(["bench", "--duration", "10", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_the_default_saturation_constant_is_what_find_capacity_measures() -> None:
+    """``tempo bench`` without --rps scales its rates by DEFAULT_SATURATION_RPS in the default setting
+    instead of measuring it each time: the constant must stay what the measurement gives."""
+    from tempo.serving.bench.benchmark import DEFAULT_SATURATION_RPS, find_capacity
+
+    measured = find_capacity(BenchConfig(policies=[PolicySpec("fcfs")]))["saturation_rps"]
+    assert measured == pytest.approx(DEFAULT_SATURATION_RPS, rel=0.02)

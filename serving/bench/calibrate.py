@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from itertools import pairwise
 from typing import Any
 
 import httpx
@@ -89,18 +89,23 @@ def workload_medians(workload: Sequence[WorkloadRequest], max_model_len: int = 4
     }
 
 
-async def _measure(url: str, model: str, max_prompt: int, burst: int) -> dict[str, Any]:
+async def measure_engine(url: str, model: str, max_prompt: int = 1800, burst: int = 32) -> dict[str, Any]:
+    """Unloaded TTFT by prompt length (a line through them), the inter-token time, a burst's throughput."""
+    nonce = os.urandom(4).hex()  # prompts of their own: a prefix cached by an earlier run would hide the prefill
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        await _first_token_s(http, model, synthetic_prompt("warm", 64), 4)
+        await _first_token_s(http, model, synthetic_prompt(f"warm{nonce}", 64), 4)
         lengths = [p for p in (32, 256, 1024, 1800) if p <= max_prompt]
         ttfts: dict[int, float] = {}
         for p in lengths:
-            ttfts[p] = statistics.median([(await _first_token_s(http, model, synthetic_prompt(f"t{p}{i}", p), 1))[0]
-                                         for i in range(3)])
-        times = await _first_token_s(http, model, synthetic_prompt("itl", 64), 65)
-        itl = statistics.median(b - a for a, b in pairwise(times[1:]))  # after the first token
+            ttfts[p] = statistics.median([
+                (await _first_token_s(http, model, synthetic_prompt(f"t{p}{i}{nonce}", p), 1))[0] for i in range(3)])
+        times = await _first_token_s(http, model, synthetic_prompt(f"itl{nonce}", 64), 65)
+        # the mean gap after the first token: the server may coalesce tokens into one chunk, so a median of
+        # chunk gaps would read 0
+        itl = (times[-1] - times[0]) / max(1, len(times) - 1)
         started = time.perf_counter()
-        await asyncio.gather(*(_first_token_s(http, model, synthetic_prompt(f"b{i}", 256), 64) for i in range(burst)))
+        await asyncio.gather(*(_first_token_s(http, model, synthetic_prompt(f"b{i}{nonce}", 256), 64)
+                               for i in range(burst)))
         burst_tokens_per_s = burst * (256 + 64) / (time.perf_counter() - started)
     base, per_token = _line(list(ttfts), list(ttfts.values()))
     return {"ttft_by_prompt_s": {str(k): v for k, v in ttfts.items()}, "ttft_base_s": base,
@@ -124,13 +129,15 @@ def saturation_tokens_per_s(url: str, model: str, workload: Sequence[WorkloadReq
 
 def calibrate(url: str, model: str, workload: Sequence[WorkloadRequest], multiples: Multiples = Multiples(),
               max_prompt: int = 1800, burst: int = 32, max_model_len: int = 4096,
-              overload: Sequence[WorkloadRequest] | None = None) -> dict[str, Any]:
+              overload: Sequence[WorkloadRequest] | None = None,
+              measured: dict[str, Any] | None = None) -> dict[str, Any]:
     """The measurements, the base SLOs they give, and the FCFS saturation rate (see the module doc).
 
     ``overload``: a heavily overloaded workload to measure saturation on (the server must run FCFS); without
-    it, the burst's throughput stands in (``quick``).
+    it, the burst's throughput stands in (``quick``). ``measured``: an earlier call's measurements, reused.
     """
-    measured = asyncio.run(_measure(url, model, max_prompt, burst))
+    if measured is None:
+        measured = asyncio.run(measure_engine(url, model, max_prompt, burst))
     med = workload_medians(workload, max_model_len)
 
     def ttft(p: float) -> float:

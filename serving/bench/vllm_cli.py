@@ -68,7 +68,7 @@ def engine_calibrate(args: EngineBenchArgs, json_out: Path | None, console: Cons
         quick = calibrate(server.url, served, probe)
         overload_rps = 4 * quick["saturation"]["rps"]
         overload = build_workload(_spec(args, overload_rps, quick["slo"]))
-        result = calibrate(server.url, served, probe, overload=overload)
+        result = calibrate(server.url, served, probe, overload=overload, measured=quick["measured"])
     result["config"] = {"serve_model": args.serve_model, "serve_args": args.serve_args, "mix": args.mix,
                         "arrivals": args.arrivals, "overload_rps": overload_rps, "duration_s": args.duration_s}
     slo, sat = result["slo"], result["saturation"]
@@ -83,12 +83,12 @@ def engine_calibrate(args: EngineBenchArgs, json_out: Path | None, console: Cons
 
 
 def engine_bench(args: EngineBenchArgs, json_out: Path | None, console: Console) -> None:
+    if args.calibrate:  # FCFS only: --policies does not apply
+        engine_calibrate(args, json_out, console)
+        return
     if any(s.estimator not in ("empirical", "oracle") for s in args.specs):
         raise TempoError("--engine vllm: bounds come from 'tempo serve' (--serve-args '--estimator-url ...'), "
                          "not from a policy's ':ESTIMATOR'")
-    if args.calibrate:
-        engine_calibrate(args, json_out, console)
-        return
     calibration = None
     if args.slo_calibration is not None:
         try:

@@ -1,0 +1,72 @@
+"""SLO calibration against a stand-in engine that coalesces tokens into chunks and caches prefixes, as
+vLLM's server does: the measured inter-token time and prefill rate are the engine's, not the chunking's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+from tempo.serving.bench.calibrate import measure_engine
+
+from tests.conftest import free_port
+
+ITL_S, PREFILL_PER_TOKEN_S, CHUNK = 0.004, 0.0002, 4
+
+
+class CoalescingEngine:
+    """Prefill costs PREFILL_PER_TOKEN_S per uncached prompt token (a prompt seen before costs nothing);
+    tokens come ITL_S apart, sent CHUNK at a time with cumulative usage."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[int, ...]] = set()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        body = json.loads((await receive())["body"])
+        prompt = tuple(body["prompt"])
+        await asyncio.sleep(0 if prompt in self.seen else PREFILL_PER_TOKEN_S * len(prompt))
+        self.seen.add(prompt)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        n, sent = body["max_tokens"], 0
+        await self._chunk(send, 1)
+        sent = 1
+        while sent < n:
+            step = min(CHUNK, n - sent)
+            await asyncio.sleep(ITL_S * step)
+            sent += step
+            await self._chunk(send, sent)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    @staticmethod
+    async def _chunk(send: Any, tokens: int) -> None:
+        chunk = {"choices": [{"text": "x" * tokens}], "usage": {"completion_tokens": tokens}}
+        await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(), "more_body": True})
+
+
+@pytest.fixture
+def engine_url() -> Iterator[str]:
+    """The stand-in behind a real HTTP server (httpx's ASGI transport would not stream)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(CoalescingEngine(), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "stand-in did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(5)
+
+
+def test_calibration_reads_the_engine_through_coalesced_chunks_and_a_warm_cache(engine_url: str) -> None:
+    first = asyncio.run(measure_engine(engine_url, "m", max_prompt=1024, burst=2))
+    again = asyncio.run(measure_engine(engine_url, "m", max_prompt=1024, burst=2))
+    for measured in (first, again):  # the second run is not fooled by the prompts the first one cached
+        assert measured["inter_token_s"] == pytest.approx(ITL_S, rel=0.25)
+        assert measured["ttft_per_prompt_token_s"] == pytest.approx(PREFILL_PER_TOKEN_S, rel=0.25)
