@@ -16,15 +16,19 @@ from tempo.models.length_bounds import LengthSamples
 
 
 def samples_from_rows(rows: Iterable[LengthRow], prompts: dict[str, str]) -> LengthSamples:
-    """One request per (prompt, model) row, one sample per sampled length."""
+    """One request per (prompt, model) row, one sample per sampled length; the prompt id is the unit
+    of calibration (a prompt's rows for every served model are one exchangeable unit)."""
     requests: list[RequestInfo] = []
     index: list[int] = []
     lengths: list[int] = []
+    units: list[int] = []
+    unit_of: dict[str, int] = {}
     for row in rows:
         requests.append(RequestInfo(row.input_tokens, row.dataset, row.model, prompt=prompts.get(row.prompt_id)))
+        units.append(unit_of.setdefault(row.prompt_id, len(unit_of)))
         index.extend([len(requests) - 1] * len(row.samples))
         lengths.extend(row.samples)
-    return LengthSamples(requests, np.asarray(index), np.asarray(lengths, dtype=float))
+    return LengthSamples(requests, np.asarray(index), np.asarray(lengths, dtype=float), np.asarray(units))
 
 
 def split_rows(rows: Sequence[LengthRow], salt: str = "") -> dict[str, list[LengthRow]]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from tempo.models.calibration import MondrianCalibrator, conformal_quantile
+from tempo.models.calibration import CALIBRATIONS, MondrianCalibrator, rank_quantile, unit_inverse
 from tempo.models.features import FeatureSpec, Featurizer, RequestInfo, app_key
 from tempo.models.quantile import QuantileModel, make_model
 from tempo.scheduler.bounds import BoundLadder, BoundQuery
@@ -32,11 +32,16 @@ DEFAULT_FRACTIONS = (0.25, 0.5, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 3.0)
 
 @dataclass
 class LengthSamples:
-    """Observed lengths: ``requests`` are unique; ``request_index[i]`` is the request of sample i."""
+    """Observed lengths: ``requests`` are unique; ``request_index[i]`` is the request of sample i.
+
+    ``units[r]`` (optional) names request r's exchangeable unit, the prompt: the requests of one prompt
+    for several served models share it (CASTILLO's prompt id). Without it, requests with the same
+    prompt text (or sketch) share a unit, and a request without either is a unit of its own."""
 
     requests: list[RequestInfo]
     request_index: IntArray
     lengths: FloatArray
+    units: IntArray | None = None
 
     def __post_init__(self) -> None:
         self.request_index = np.asarray(self.request_index, dtype=np.int64)
@@ -45,6 +50,10 @@ class LengthSamples:
             raise ValueError("request_index and lengths differ in length")
         if len(self.lengths) and (self.lengths.min() < 1 or not np.all(np.isfinite(self.lengths))):
             raise ValueError("lengths must be finite and >= 1")
+        if self.units is not None:
+            self.units = np.asarray(self.units, dtype=np.int64)
+            if len(self.units) != len(self.requests):
+                raise ValueError("units must name one unit per request")
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -66,9 +75,30 @@ class LengthSamples:
         chains = [group_chain(r) for r in self.requests]
         return [chains[i] for i in self.request_index]
 
+    def request_units(self) -> IntArray:
+        """Per request, its unit (see the class docstring)."""
+        if self.units is not None:
+            return self.units
+        keys: dict[object, int] = {}
+        out = np.empty(len(self.requests), dtype=np.int64)
+        for i, r in enumerate(self.requests):
+            if r.prompt is not None:
+                key: object = ("text", r.prompt)
+            elif r.sketch is not None:
+                key = ("sketch", r.sketch.n_chars, np.asarray(r.sketch.indices, dtype=np.int64).tobytes())
+            else:
+                key = ("request", i)
+            out[i] = keys.setdefault(key, len(keys))
+        return out
+
+    @property
+    def sample_units(self) -> IntArray:
+        """Per sample, its unit: the prompt, the exchangeable unit of conformal calibration."""
+        return self.request_units()[self.request_index]
+
     def subset(self, sample_rows: npt.NDArray[np.int64]) -> LengthSamples:
         """The samples at ``sample_rows`` (requests kept whole, so indices stay valid)."""
-        return LengthSamples(self.requests, self.request_index[sample_rows], self.lengths[sample_rows])
+        return LengthSamples(self.requests, self.request_index[sample_rows], self.lengths[sample_rows], self.units)
 
 
 def group_chain(request: RequestInfo) -> tuple[str, str]:
@@ -106,15 +136,16 @@ class LadderCalibration:
     fractions: tuple[float, ...]
     offsets: list[float]  # one per fraction, log scale
     survivors: list[int]  # calibration samples behind each offset
+    effective: list[float] = field(default_factory=list)  # effective prompts behind each offset (#14)
 
     def to_dict(self) -> dict[str, Any]:
         return {"level0": self.level0.to_dict(), "fractions": list(self.fractions),
-                "offsets": self.offsets, "survivors": self.survivors}
+                "offsets": self.offsets, "survivors": self.survivors, "effective": self.effective}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LadderCalibration:
         return cls(MondrianCalibrator.from_dict(data["level0"]), tuple(data["fractions"]),
-                   list(data["offsets"]), list(data["survivors"]))
+                   list(data["offsets"]), list(data["survivors"]), list(data.get("effective", [])))
 
 
 @dataclass
@@ -127,8 +158,9 @@ class LengthBoundModel:
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     k_draws: int = 4
     k_max: float = 4096.0
-    coverage_margin: float = 0.005  # calibrate to q + margin: conformal coverage varies between draws
+    coverage_margin: float = 0.005  # calibrate to q + margin (a floor under the prompt ranks' correction)
     min_survivors: int = 100  # a ladder level needs this many calibration survivors
+    calibration: str = "shrink"  # a key of calibration.CALIBRATIONS: the rank and the small-group rule
     seed: int = 0
     model_params: dict[str, Any] = field(default_factory=dict)
     featurizer_: Featurizer | None = None
@@ -153,14 +185,23 @@ class LengthBoundModel:
         return self
 
     def calibrate(self, samples: LengthSamples, groups_by_app: bool = True) -> LengthBoundModel:
-        """Split-conformal offsets from samples whose prompts were not used in ``fit``."""
+        """Split-conformal offsets from samples whose prompts were not used in ``fit``.
+
+        Level 0 per (served model | app, app) group, Mondrian, with the rank and the small-group rule of
+        ``self.calibration``; each ladder level one pooled offset among the samples that survive to its k,
+        ranked the same way (over effective prompts by default: a prompt's samples are one unit)."""
         model, X = self._model(), self._features(samples.requests)
         target = min(self.quantile + self.coverage_margin, 0.999)
+        rank, shrinkage = _method(self.calibration)
         raw0 = model.predict_quantile(with_k(X, np.zeros(len(X))))[samples.request_index]
         groups = samples.sample_groups if groups_by_app else None
-        level0 = MondrianCalibrator(target).fit(raw0, samples.lengths, groups)
+        units = samples.sample_units
+        margin = target - self.quantile
+        level0 = MondrianCalibrator(target, margin=margin, rank=rank, shrinkage=shrinkage)
+        level0.fit(raw0, samples.lengths, groups, units)
         b0 = self._b0(X, samples.requests, level0)[samples.request_index]
-        offsets, survivors = [], []
+        inverse = unit_inverse(units, len(units))
+        offsets, survivors, effective = [], [], []
         for f in self.fractions:
             k = np.floor(f * b0)
             alive = samples.lengths > k
@@ -169,32 +210,45 @@ class LengthBoundModel:
             rows = np.flatnonzero(alive)
             raw = model.predict_quantile(with_k(X[samples.request_index[rows]], k[rows]))
             scores = np.log(samples.lengths[rows]) - np.log(raw)
-            value = conformal_quantile(scores, target)
+            base, floor = (target, 0.0) if rank == "sample" else (self.quantile, margin)
+            value, n_eff = rank_quantile(scores, base, unit_inverse(inverse[rows], len(rows)), rank, margin=floor)
             offsets.append(value if math.isfinite(value) else float(scores.max()))
             survivors.append(int(alive.sum()))
-        self.calibration_ = LadderCalibration(level0, self.fractions[: len(offsets)], offsets, survivors)
+            effective.append(round(n_eff, 1))
+        self.calibration_ = LadderCalibration(level0, self.fractions[: len(offsets)], offsets, survivors, effective)
         return self
 
     def recalibrated(self, samples: LengthSamples) -> LengthBoundModel:
         """A copy recalibrated on a few completions of a new served model (or a drifted one).
 
-        Level 0 gets a fresh pooled offset from ``samples`` (too few for per-app groups); the ladder's
-        levels keep their shape and move by the same change, since an under-predicting model is off by
-        a similar factor at every k.
+        Level 0 is calibrated afresh on ``samples`` with the same rank and small-group rule as the
+        calibration it replaces: per (served model | app, app) group, each shrunk toward the pooled offset
+        of ``samples`` (with the hard fallback of a calibration from before issue #14, a few hundred
+        completions give one pooled offset, as they did then). The ladder's levels keep their shape and
+        move by the change of the pooled offset, since an under-predicting model is off by a similar
+        factor at every k.
         """
         if self.calibration_ is None:
             raise RuntimeError("calibrate the model first")
+        base = self.calibration_.level0
         model, X = self._model(), self._features(samples.requests)
         raw0 = model.predict_quantile(with_k(X, np.zeros(len(X))))[samples.request_index]
-        target = min(self.quantile + self.coverage_margin, 0.999)
-        level0 = MondrianCalibrator(target).fit(raw0, samples.lengths)
-        delta = level0.pooled_ - self.calibration_.level0.pooled_
+        level0 = MondrianCalibrator(base.quantile, margin=base.margin, min_group=base.min_group, rank=base.rank,
+                                    shrinkage=base.shrinkage)
+        level0.fit(raw0, samples.lengths, samples.sample_groups, samples.sample_units)
+        delta = level0.pooled_ - base.pooled_
         copy = replace(self)
         copy.calibration_ = LadderCalibration(
             level0, self.calibration_.fractions, [o + delta for o in self.calibration_.offsets],
-            list(self.calibration_.survivors),
+            list(self.calibration_.survivors), list(self.calibration_.effective),
         )
         return copy
+
+    def with_calibration(self, calibration: str, coverage_margin: float | None = None) -> LengthBoundModel:
+        """A copy of this fitted model that will calibrate with another method (``calibrate`` it next)."""
+        _method(calibration)
+        margin = self.coverage_margin if coverage_margin is None else coverage_margin
+        return replace(self, calibration=calibration, coverage_margin=margin, calibration_=None)
 
     # -- prediction ------------------------------------------------------------------------------
     def _model(self) -> QuantileModel:
@@ -242,6 +296,12 @@ class LengthBoundModel:
         return self.predict_ladders([
             RequestInfo(q.prompt_tokens, q.app, q.model, q.slo_class.value, prompt=q.prompt) for q in queries
         ])
+
+
+def _method(name: str) -> tuple[str, float | None]:
+    if name not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {name!r} (known: {', '.join(CALIBRATIONS)})")
+    return CALIBRATIONS[name]
 
 
 def _monotone_ladder(b0: int, ks: FloatArray, bounds: FloatArray, quantile: float) -> BoundLadder:

@@ -120,3 +120,117 @@ def test_eval_rejects_a_malformed_file(tmp_path: Path) -> None:
     bad.write_text("dataset,model,prompt_id,input_tokens,out0\nA,m,p,lots,3\n")
     result = run(["--json", str(tmp_path / "o.json"), "--data", str(bad)])
     assert isinstance(result.exception, TempoError) and "bad.csv:2: malformed row" in str(result.exception)
+
+
+def write_pair(directory: Path, n_prompts: int, first: int, seed: int, models=(("small", 1.0), ("large", 1.6)),
+               name: str = "set") -> tuple[Path, Path]:
+    """A CASTILLO-format lengths file and its prompts, prompt ids p{first}..p{first + n_prompts - 1}."""
+    rng = np.random.default_rng(seed)
+    rows, prompts = [], []
+    for i in range(first, first + n_prompts):
+        kind = list(WORDS)[i % 3]
+        prompts.append({"prompt_id": f"p{i}", "prompt_text": f"Please {kind} about topic {i}"})
+        for model, scale in models:
+            outs = [max(1, round(WORDS[kind] * scale * rng.lognormal(0, 0.3))) for _ in range(10)]
+            rows.append({"dataset": f"set{i % 2}", "model": model, "prompt_id": f"p{i}", "input_tokens": 8,
+                         "outputs": outs})
+    lengths, texts = directory / f"{name}_lengths.jsonl", directory / f"{name}_prompts.jsonl"
+    lengths.write_text("\n".join(json.dumps(r) for r in rows))
+    texts.write_text("\n".join(json.dumps(p) for p in prompts))
+    return lengths, texts
+
+
+def test_train_on_one_file_and_test_on_another(tmp_path: Path) -> None:
+    train_l, train_p = write_pair(tmp_path, 120, 0, 0, name="train")
+    test_l, test_p = write_pair(tmp_path, 60, 1000, 1, models=(("small", 1.0), ("large", 1.6), ("new", 2.0)),
+                                name="test")
+    out = tmp_path / "eval.json"
+    result = run(["--json", str(out), "--train", f"{train_l},{train_p}", "--test", f"{test_l},{test_p}",
+                  "--baselines", "a", "--n-estimators", "30", "--calibration", "shrink,sample",
+                  "--leave-one-model-out", "large", "--recalibrate-n", "40", "--draws", "3"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    pooled = report["results"]["pooled"]
+    assert pooled["data"]["test"] == 60 * 3 * 10 and pooled["data"]["prompts"] == {"train": 120, "test": 60}
+    main, old = pooled["tempo[lightgbm]"], pooled["tempo[lightgbm|sample]"]
+    assert set(main["coverage_by_model"]) == {"small", "large", "new"}  # "new" is a served model never seen
+    calibration = main["calibration"]
+    assert calibration["method"] == "shrink" and calibration["rank"] == "effective"
+    assert calibration["pooled_effective_prompts"] > 0
+    group = calibration["groups"]["set0"]
+    assert group["prompts"] <= group["effective_prompts"] <= group["samples"] and 0 < group["own_weight"] < 1
+    assert old["calibration"]["rank"] == "sample"
+    lomo = report["leave_one_model_out"]
+    assert set(lomo["by_calibration"]) == {"shrink", "sample"}
+    after = lomo["after"]["40"]
+    assert set(after["coverage_by_dataset"]) == {"set0", "set1"}
+    assert after["min_dataset_mean_coverage"] == min(after["coverage_by_dataset"].values())
+    assert lomo["test"]["prompts"] == 60
+
+
+def test_subsample_keeps_a_seeded_fraction_of_the_prompts(tmp_path: Path) -> None:
+    from tempo.data.castillo import load_length_rows
+    from tempo.models.eval_cli import subsample_rows
+
+    lengths, _ = write_dataset(tmp_path, n_prompts=400)
+    rows = load_length_rows(lengths)
+    kept = {r.prompt_id for r in subsample_rows(rows, 0.25, seed=0)}
+    assert 70 < len(kept) < 130
+    assert kept == {r.prompt_id for r in subsample_rows(rows, 0.25, seed=0)}  # seeded
+    assert kept != {r.prompt_id for r in subsample_rows(rows, 0.25, seed=1)}
+    assert {r.prompt_id for r in subsample_rows(rows, 0.1, seed=0)} <= kept  # nested
+    kept_rows = subsample_rows(rows, 0.25, seed=0)
+    assert len(kept_rows) == 2 * len(kept)  # a kept prompt keeps all its rows
+
+    out = tmp_path / "eval.json"
+    lengths, texts = write_dataset(tmp_path, n_prompts=300)
+    result = run(["--json", str(out), "--data", str(lengths), "--prompts", str(texts), "--subsample", "0.5",
+                  "--baselines", "none", "--n-estimators", "20", "--folds", "3"])
+    assert result.exit_code == 0, result.output
+    config = json.loads(out.read_text())["config"]
+    assert config["subsample"] == 0.5 and config["prompts_in_file"] == 300 and 110 < config["prompts_kept"] < 190
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--subsample", "0"], "--subsample"),
+        (["--subsample", "1.5"], "--subsample"),
+        (["--calibration", "magic"], "--calibration"),
+        (["--train", "TRAIN"], "go together"),
+        (["--test", "TEST"], "go together"),
+        (["--train", "TRAIN", "--test", "TEST", "--data", "DATA"], "replace --data"),
+        (["--train", "TRAIN", "--test", "TEST", "--folds", "5"], "--folds applies"),
+        (["--train", "a,b,c", "--test", "TEST"], "LENGTHS,PROMPTS"),
+        (["--train", "TRAIN", "--test", "OVERLAP"], "share"),
+        (["--train", "TRAIN", "--test", "TEST", "--models", "large,ghost"], "not in"),
+        (["--train", "TRAIN", "--test", "TEST", "--leave-one-model-out", "ghost", "--no-pooled",
+          "--models", "none"], "--leave-one-model-out"),
+        (["--train", "TRAIN,missing.jsonl", "--test", "TEST"], "file not found"),
+        (["--leave-one-model-out", "large", "--recalibrate-n", "0"], "--recalibrate-n"),
+    ],
+)
+def test_eval_train_test_and_subsample_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    lengths, texts = write_dataset(tmp_path, n_prompts=30)
+    train_l, train_p = write_pair(tmp_path, 30, 0, 0, name="train")
+    test_l, test_p = write_pair(tmp_path, 30, 500, 1, name="test")
+    overlap_l, overlap_p = write_pair(tmp_path, 30, 20, 2, name="overlap")
+    names = {"TRAIN": f"{train_l},{train_p}", "TEST": f"{test_l},{test_p}", "OVERLAP": f"{overlap_l},{overlap_p}",
+             "DATA": str(lengths)}
+    args = [names.get(a, a.replace("missing.jsonl", str(tmp_path / "missing.jsonl"))) for a in args]
+    extra = [] if "--train" in args else ["--data", str(lengths), "--prompts", str(texts)]
+    result = run(["--json", str(tmp_path / "o.json"), *extra, *args])
+    assert isinstance(result.exception, TempoError), result.output
+    assert message in str(result.exception)
+
+
+def test_overlapping_prompts_can_be_dropped_from_the_test_file(tmp_path: Path) -> None:
+    train_l, train_p = write_pair(tmp_path, 120, 0, 0, name="train")
+    test_l, test_p = write_pair(tmp_path, 50, 100, 1, name="test")  # p100..p119 are in both
+    out = tmp_path / "eval.json"
+    result = run(["--json", str(out), "--train", f"{train_l},{train_p}", "--test", f"{test_l},{test_p}",
+                  "--drop-overlap", "--baselines", "none", "--n-estimators", "20", "--no-pooled", "--models", "small"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["config"]["dropped_test_prompts"] == 20 and report["config"]["dropped_test_rows"] == 40
+    assert report["results"]["small"]["data"]["prompts"] == {"train": 120, "test": 30}
