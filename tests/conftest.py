@@ -112,7 +112,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
-def _flush_if_ours(client: redis.Redis, own_server: bool) -> None:
+def flush_if_ours(client: redis.Redis, own_server: bool | None = None) -> None:
+    """Flush a database the tests own (their own server, or a claimed one: the claim is kept); else fail."""
+    if own_server is None:
+        own_server = not os.environ.get("TEMPO_REDIS_URL")
     if own_server or client.exists(SENTINEL):
         client.flushdb()
         if not own_server:
@@ -126,7 +129,7 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     """A client on a flushed database (one the tests own: their own server, or a claimed empty database)."""
     own = not os.environ.get("TEMPO_REDIS_URL")
     client = redis.Redis.from_url(redis_url)
-    _flush_if_ours(client, own)
+    flush_if_ours(client, own)
     yield client
-    _flush_if_ours(client, own)
+    flush_if_ours(client, own)
     client.close()

@@ -23,7 +23,7 @@ from tempo.estimator.retrain import publish
 from tempo.estimator.settings import Settings
 from tempo.estimator.store import Store
 
-from tests.conftest import free_port
+from tests.conftest import flush_if_ours, free_port
 
 ADMIN = {"Authorization": "Bearer s3cret"}
 EXAMPLES = 30
@@ -32,7 +32,7 @@ EXAMPLES = 30
 
 @pytest.fixture(scope="module")
 def server_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    redis.Redis.from_url(redis_url).flushdb()
+    flush_if_ours(redis.Redis.from_url(redis_url))
     artifacts = tmp_path_factory.mktemp("fuzz") / "artifacts"
     publish(Store(redis_url), small_artifact(), Path(artifacts))
     app = create_app(Settings(redis_url=redis_url, artifacts_dir=artifacts, admin_token="s3cret"))  # type: ignore[arg-type]
