@@ -10,9 +10,9 @@ recalibration completions: pooled within 0.02 of q, every dataset >= q - 0.06.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,17 +107,13 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    out = None
-    if "--json" in args:
-        at = args.index("--json")
-        out = Path(args[at + 1])
-        del args[at:at + 2]
-    if not args:
-        raise SystemExit("usage: python -m tempo.models.coverage_summary REPORT.json ... [--json OUT]")
-    summary = summarize([Path(a) for a in args])
-    if out is not None:
-        out.write_text(json.dumps(summary, indent=2))
+    parser = argparse.ArgumentParser(prog="python -m tempo.models.coverage_summary", description=__doc__.split("\n")[0])
+    parser.add_argument("reports", nargs="+", type=Path, help="tempo estimator eval JSON reports")
+    parser.add_argument("--json", type=Path, help="write the summary here")
+    args = parser.parse_args(argv)
+    summary = summarize(args.reports)
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2))
     print_summary(summary, Console(width=160))
 
 
