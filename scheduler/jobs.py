@@ -15,6 +15,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 # One job as the fitter sees it: stages of calls, each call (prompt tokens, output tokens).
 JobGraph = Sequence[Sequence[tuple[int, int]]]
@@ -31,6 +32,9 @@ class StageOutlook:
     prefill_total_after: float = 0.0  # prompt tokens of every later call (engine work; mean)
     decode_total_after: float = 0.0  # output tokens of every later call (engine work; mean)
     samples: int = 0  # past jobs behind the figures (0: no data)
+    # fraction of the job deadline by which this stage should be done (the matched graphs' cumulative
+    # critical-path time through this stage over their total); None: the source does not say
+    sub_deadline_fraction: float | None = None
 
     def time_s(self, per_token_s: float, prefill_s_per_token: float) -> float:
         """Seconds the rest of the job needs on the critical path at the given speeds."""
@@ -63,6 +67,18 @@ def outlook_of(graph: JobGraph, stage: int) -> StageOutlook:
     )
 
 
+class JobOutlookSource(Protocol):
+    """Anything that estimates the rest of a compound job from what the job has shown so far.
+
+    ``history`` holds the job's finished stages, each a sequence of its calls' ``(prompt, output)`` tokens;
+    ``stage_prompts`` the prompt tokens of the current stage's calls (known once the stage is released).
+    The per-app quantiles (``JobProfile``) ignore both; the pattern-graph store matches them against past jobs.
+    """
+
+    def outlook(self, app: str, stage: int, history: JobGraph = (), stage_prompts: Sequence[int] = ()) -> StageOutlook:
+        ...
+
+
 @dataclass(frozen=True)
 class JobProfile:
     """Per-app, per-stage outlooks fitted on past jobs."""
@@ -70,7 +86,8 @@ class JobProfile:
     by_app: Mapping[str, tuple[StageOutlook, ...]] = field(default_factory=dict)
     quantile: float = 0.9
 
-    def outlook(self, app: str, stage: int) -> StageOutlook:
+    def outlook(self, app: str, stage: int, history: JobGraph = (), stage_prompts: Sequence[int] = ()) -> StageOutlook:
+        """The fitted quantiles of ``app`` at ``stage`` (``history`` and ``stage_prompts`` are not used)."""
         stages = self.by_app.get(app)
         if not stages:
             return StageOutlook()
