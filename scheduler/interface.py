@@ -62,6 +62,8 @@ class JobInfo(NamedTuple):
     job_arrival_s: float  # the job's arrival (its deadline counts from here)
     stage_calls: int = 1  # calls released in this stage (fan-out)
     done_tokens: int = 0  # prompt + output tokens of the job's finished calls (attained service)
+    history: tuple[tuple[tuple[int, int], ...], ...] = ()  # finished stages, each call's (prompt, output) tokens
+    stage_prompts: tuple[int, ...] = ()  # prompt tokens of this stage's calls released so far
 
 
 class RequestState(NamedTuple):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tempo.scheduler.interface import Policy
-from tempo.scheduler.jobs import JobProfile, OracleTruth
+from tempo.scheduler.jobs import JobOutlookSource, JobProfile, OracleTruth
 
 PolicyFactory = Callable[..., Policy]  # factory(context, **params) -> Policy
 
@@ -25,6 +25,7 @@ class PolicyContext:
     """What the engine side hands a policy factory besides its parameters."""
 
     job_profile: JobProfile = field(default_factory=JobProfile)  # per-app outlook of compound jobs
+    job_graphs: JobOutlookSource | None = None  # pattern-graph matcher over past jobs (None: the per-app outlook)
     truth: OracleTruth | None = None  # true lengths and job graphs: only oracle policies accept it
 
 

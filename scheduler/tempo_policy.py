@@ -56,12 +56,13 @@ from tempo.scheduler.interface import (
     RequestState,
     Snapshot,
 )
-from tempo.scheduler.jobs import JobProfile, OracleTruth
+from tempo.scheduler.jobs import JobOutlookSource, JobProfile, OracleTruth
 from tempo.scheduler.planning import cheaper_mode, pack
 from tempo.scheduler.registry import PolicyContext, register_policy
 from tempo.scheduler.tempo_table import BE, LATENCY, EngineConstants, Frame, RequestTable
 
 GROUPINGS = ("gmax", "sjf", "priority")
+JOB_ESTIMATES = ("graphs", "quantiles")  # how Tempo estimates the rest of a compound job
 _REQUEST_ID = itemgetter(0)
 POOL_LIMIT = 8  # GMAX looks at most this many batches deep into the ranking (bounds its cost)
 IntArray = npt.NDArray[np.int64]
@@ -124,12 +125,16 @@ class TempoPolicy(Policy):
         be_only_when_idle: bool = True,
         serve_by_laxity: bool = False,
         job_profile: JobProfile | None = None,
+        job_graphs: JobOutlookSource | None = None,
+        job_estimate: str = "graphs",
         truth: OracleTruth | None = None,
     ) -> None:
         if grouping not in GROUPINGS:
             raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
         if p < 1:
             raise ValueError("p must be >= 1")
+        if job_estimate not in JOB_ESTIMATES:
+            raise ValueError(f"job_estimate must be one of {JOB_ESTIMATES}, got {job_estimate!r}")
         if frame_steps < 1 or share < 1 or min_chunk < 1:
             raise ValueError("frame_steps, share and min_chunk must be >= 1")
         self.frame_steps = self.frame = int(frame_steps)
@@ -144,8 +149,13 @@ class TempoPolicy(Policy):
         self.be_only_when_idle = bool(be_only_when_idle)
         self.serve_by_laxity = bool(serve_by_laxity)
         self.job_profile = job_profile or JobProfile()
+        self.job_graphs = job_graphs
+        self.job_estimate = job_estimate
+        # what a compound call's job has left: the matched past graphs, else the per-app quantiles
+        use_graphs = job_graphs is not None and job_estimate == "graphs"
+        outlook: JobOutlookSource = job_graphs if use_graphs and job_graphs is not None else self.job_profile
         self.truth = truth
-        self._table = RequestTable(self.job_profile, truth)
+        self._table = RequestTable(outlook, truth)
 
     def kwargs(self) -> dict[str, Any]:
         """The constructor arguments that reproduce this policy (besides job profile and truth)."""
@@ -161,6 +171,7 @@ class TempoPolicy(Policy):
             "compute_density": self.compute_density,
             "be_only_when_idle": self.be_only_when_idle,
             "serve_by_laxity": self.serve_by_laxity,
+            "job_estimate": self.job_estimate,
         }
 
     def describe(self) -> dict[str, object]:
@@ -169,6 +180,7 @@ class TempoPolicy(Policy):
             **self.kwargs(),
             "oracle": self.truth is not None,
             "job_profile_apps": sorted(self.job_profile.by_app),
+            "job_outlook": "graphs" if self._table.job_outlook is self.job_graphs else "per-app quantiles",
         }
 
     # ------------------------------------------------------------ decide
@@ -364,7 +376,8 @@ def _parse_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def _tempo_factory(**fixed: Any) -> Any:
     def factory(context: PolicyContext, **params: Any) -> Policy:
-        return TempoPolicy(job_profile=context.job_profile, **_parse_params({**fixed, **params}))
+        return TempoPolicy(job_profile=context.job_profile, job_graphs=context.job_graphs,
+                           **_parse_params({**fixed, **params}))
 
     return factory
 
@@ -372,12 +385,16 @@ def _tempo_factory(**fixed: Any) -> Any:
 def _oracle(context: PolicyContext, **params: Any) -> Policy:
     if context.truth is None:
         raise ValueError("the oracle policy needs the true lengths and job graphs (PolicyContext.truth)")
-    return OracleTempo(job_profile=context.job_profile, truth=context.truth, **_parse_params(params))
+    return OracleTempo(job_profile=context.job_profile, job_graphs=context.job_graphs, truth=context.truth,
+                       **_parse_params(params))
 
 
 register_policy("tempo", "Tempo: just-enough bandwidth, goodput priority, GMAX grouping")(_tempo_factory())
 register_policy("tempo-sjf", "ablation: Tempo with SJF on the bound instead of GMAX")(_tempo_factory(grouping="sjf"))
 register_policy("tempo-nopace", "ablation: Tempo without per-request pacing and prefill budget control")(
     _tempo_factory(pace=False, budget_control=False)
+)
+register_policy("tempo-quantiles", "ablation: Tempo with per-app quantiles of past jobs instead of graph matching")(
+    _tempo_factory(job_estimate="quantiles")
 )
 register_policy("oracle", "Tempo with the true lengths and job graphs (upper reference)")(_oracle)

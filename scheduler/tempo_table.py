@@ -14,6 +14,7 @@ The arithmetic is the policy's (see ``tempo_policy``'s module docstring); this m
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import compress, repeat
@@ -21,8 +22,8 @@ from operator import eq, is_, itemgetter, not_
 
 import numpy as np
 import numpy.typing as npt
-from tempo.scheduler.interface import Phase, RequestState
-from tempo.scheduler.jobs import JobProfile, OracleTruth
+from tempo.scheduler.interface import JobInfo, Phase, RequestState
+from tempo.scheduler.jobs import JobOutlookSource, OracleTruth, StageOutlook
 from tempo.scheduler.slo import SLOClass
 
 FloatArray = npt.NDArray[np.float64]
@@ -32,6 +33,7 @@ BoolArray = npt.NDArray[np.bool_]
 BE, LATENCY, DEADLINE, COMPOUND = 0, 1, 2, 3
 _CLASS_BE, _CLASS_LATENCY, _CLASS_DEADLINE = SLOClass.BEST_EFFORT, SLOClass.LATENCY, SLOClass.DEADLINE
 _FAR = float(1 << 62)
+_OUTLOOKS_KEPT = 4096  # (job, stage) outlooks cached: a job's siblings and later states reuse them
 
 # columns of the constant table, by position
 (KIND, PROMPT, TRUE, FIRST_DUE, TBT, DUE, CALLS, DONE, PREFILL_AFTER, AFTER_B, TOKENS_AFTER, PREFILL_TOTAL,
@@ -83,9 +85,12 @@ class Frame:
 class RequestTable:
     """Rows of per-request constants, keyed by request id (slots are reused once a request is gone)."""
 
-    def __init__(self, job_profile: JobProfile, truth: OracleTruth | None = None, capacity: int = 1024) -> None:
-        self.job_profile = job_profile
+    def __init__(self, job_outlook: JobOutlookSource, truth: OracleTruth | None = None, capacity: int = 1024) -> None:
+        self.job_outlook = job_outlook
         self.truth = truth
+        # (job id, stage, calls released in it) -> outlook: the job's history is fixed for a stage, and a
+        # matcher's answer costs more than a row
+        self._outlooks: OrderedDict[tuple[str, int, int], StageOutlook] = OrderedDict()
         self.table = np.zeros((capacity, N_COLUMNS))
         self.slot_of: dict[str, int] = {}  # request id -> row
         # The engine hands over the same (immutable) state object while a request is unchanged: a row is
@@ -144,17 +149,26 @@ class RequestTable:
             row[KIND], row[DUE] = DEADLINE, arrival + slo.deadline_s
         else:
             assert slo.job_deadline_s is not None and job is not None
-            job_id, stage, job_arrival, calls, done = job
+            job_id, stage, job_arrival, calls, done, _, _ = job
             if truth is not None and job_id in truth.jobs:
                 outlook = truth.outlook(job_id, stage)
             else:
-                outlook = self.job_profile.outlook(app, stage)
+                outlook = self._outlook(app, job)
             row[KIND], row[DUE], row[CALLS], row[DONE] = COMPOUND, job_arrival + slo.job_deadline_s, calls, done
             row[PREFILL_AFTER] = outlook.prefill_tokens_after
             row[AFTER_B] = outlook.decode_tokens_after + outlook.stages_after
             row[TOKENS_AFTER] = outlook.tokens_after
             row[PREFILL_TOTAL] = outlook.prefill_total_after
             row[DECODE_TOTAL] = outlook.decode_total_after
+
+    def _outlook(self, app: str, job: JobInfo) -> StageOutlook:
+        key = (job.job_id, job.stage, len(job.stage_prompts))
+        outlook = self._outlooks.get(key)
+        if outlook is None:
+            outlook = self._outlooks[key] = self.job_outlook.outlook(app, job.stage, job.history, job.stage_prompts)
+            if len(self._outlooks) > _OUTLOOKS_KEPT:
+                self._outlooks.popitem(last=False)
+        return outlook
 
     def _step_bound(self, slot: int, r: RequestState) -> float:
         """Remaining-length bound of a request that left its cached ladder step (caches the new step)."""

@@ -70,7 +70,8 @@ def engine_timing(profile: Profile) -> EngineTiming:
 
 
 class _Job:
-    __slots__ = ("arrival_s", "calls", "done_tokens", "failed", "job_id", "stage_calls")
+    __slots__ = ("arrival_s", "calls", "done_tokens", "failed", "finished", "histories", "job_id", "stage_calls",
+                 "stage_prompts")
 
     def __init__(self, job_id: str, arrival_s: float) -> None:
         self.job_id = job_id
@@ -79,6 +80,18 @@ class _Job:
         self.done_tokens = 0
         self.failed = False
         self.stage_calls: dict[int, int] = defaultdict(int)
+        self.stage_prompts: dict[int, list[int]] = defaultdict(list)
+        self.finished: dict[int, list[tuple[int, int]]] = defaultdict(list)  # stage -> (prompt, output) of done calls
+        self.histories: dict[int, tuple[tuple[tuple[int, int], ...], ...]] = {}  # stage -> the stages before it
+
+    def info(self, stage: int) -> JobInfo:
+        """What a policy may know of this job for a call of ``stage``: the finished earlier stages (fixed once
+        the stage is released, since every call of a stage waits for every call of the one before)."""
+        history = self.histories.get(stage)
+        if history is None:
+            history = self.histories[stage] = tuple(tuple(self.finished[s]) for s in sorted(self.finished) if s < stage)
+        return JobInfo(self.job_id, stage, self.arrival_s, self.stage_calls[stage], self.done_tokens, history,
+                       tuple(self.stage_prompts[stage]))
 
 
 class _Req:
@@ -308,6 +321,7 @@ class Simulator:
                 self.stats.rejected_by_job_abort += 1
                 return
             r.job.stage_calls[r.stage] += 1
+            r.job.stage_prompts[r.stage].append(r.prompt)
             for sibling in r.job.calls:
                 if sibling.released and sibling.stage == r.stage:
                     sibling.state = None
@@ -326,7 +340,7 @@ class Simulator:
                 per_token = (r.times[-1] - r.first_s) / (r.generated - 1)
             info = None
             if job is not None:
-                info = JobInfo(job.job_id, r.stage, job.arrival_s, job.stage_calls[r.stage], job.done_tokens)
+                info = job.info(r.stage)
             # RequestState(...) field by field, without the NamedTuple constructor's Python-level call
             state = r.state = tuple.__new__(RequestState, (
                 r.id, r.slo, r.arrival_s, r.prompt, r.ladder, r.phase, r.generated, r.computed, r.blocks,
@@ -655,6 +669,7 @@ class Simulator:
         job = r.job
         if job is not None:
             job.done_tokens += r.prompt + r.generated
+            job.finished[r.stage].append((r.prompt, r.generated))
             for call in job.calls:
                 if call.id in self.live:
                     call.state = None

@@ -80,6 +80,14 @@ class JobTrack:
     version: int = 0  # bumped when a call arrives or finishes: its siblings' states change
     failed: str | None = None  # why the job was aborted
     last_seen_s: float = 0.0
+    prompts: dict[int, list[int]] = field(default_factory=dict)  # stage -> its calls' prompt tokens so far
+    finished: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # stage -> (prompt, output) done
+
+    def info(self, job_id: str, stage: int) -> JobInfo:
+        """What a policy may know of this job for a call of ``stage``: the finished earlier stages."""
+        history = tuple(tuple(self.finished[s]) for s in sorted(self.finished) if s < stage)
+        return JobInfo(job_id, stage, self.first_arrival_s, self.stage_calls.get(stage, 1), self.done_tokens,
+                       history, tuple(self.prompts.get(stage, ())))
 
 
 class LiveRequest:
@@ -266,6 +274,7 @@ class EngineAdapter:
                 job = self.jobs[rslo.job_id] = JobTrack(first_arrival_s=req.arrival_time)
             self.jobs.move_to_end(rslo.job_id)
             job.stage_calls[rslo.stage or 0] = job.stage_calls.get(rslo.stage or 0, 0) + 1
+            job.prompts.setdefault(rslo.stage or 0, []).append(int(req.num_prompt_tokens))
             job.live_calls += 1
             job.version += 1
             job.last_seen_s = req.arrival_time
@@ -300,8 +309,7 @@ class EngineAdapter:
             per_token = (r.last_token_s - r.first_token_s) / (generated - 1)
         info = None
         if job is not None:
-            info = JobInfo(r.job_id or "", r.stage, job.first_arrival_s, job.stage_calls.get(r.stage, 1),
-                           job.done_tokens)
+            info = job.info(r.job_id or "", r.stage)
         blocks = -(-computed // block_size) if phase is RUNNING else 0
         state = RequestState(
             r.id, r.slo, r.arrival_s, int(req.num_prompt_tokens), r.ladder, phase, generated, computed, blocks,
@@ -441,6 +449,7 @@ class EngineAdapter:
             job.last_seen_s = now
             if r.rejected is None and finish_reason in ("stop", "length"):
                 job.done_tokens += prompt + output
+                job.finished.setdefault(r.stage, []).append((prompt, output))
         self._expire_jobs(now)
         reason = "rejected" if r.rejected is not None else finish_reason
         completed = reason in ("stop", "length")
