@@ -36,7 +36,7 @@ from tempo.scheduler.jobs import JobGraph, JobProfile
 from tempo.scheduler.slo import SLOClass
 from tempo.serving.workloads.builder import WorkloadSpec, build_workload
 from tempo.serving.workloads.format import WorkloadRequest
-from tempo.serving.workloads.sources import Workflow, load_workflows
+from tempo.serving.workloads.sources import Workflow, load_workflows, split_workflows
 
 from tempo.errors import TempoError
 
@@ -215,26 +215,30 @@ def _sources() -> tuple[tuple[LengthRow, ...], dict[str, str], tuple[Workflow, .
     return tuple(load_length_rows()), load_prompts(), tuple(load_workflows())
 
 
-def build_cached(spec: WorkloadSpec) -> list[WorkloadRequest]:
-    """``build_workload`` with the vendored data read once per process (the benchmark builds many)."""
+def build_cached(spec: WorkloadSpec, part: str = "serve") -> list[WorkloadRequest]:
+    """``build_workload`` with the vendored data read once per process (the benchmark builds many).
+    Compound jobs come from one half of the workflows: ``part="serve"`` for benchmarks, ``"train"`` for the
+    past jobs policies learn from (``split_workflows``)."""
     rows, prompts, workflows = _sources()
-    return build_workload(spec, length_rows=rows, prompts=prompts, workflows=workflows)
+    train, serve = split_workflows(workflows)
+    if part not in ("serve", "train"):
+        raise ValueError(f"part must be 'serve' or 'train', got {part!r}")
+    return build_workload(spec, length_rows=rows, prompts=prompts, workflows=serve if part == "serve" else train)
 
 
 def training_workload(
     spec: WorkloadSpec, benchmark: Sequence[WorkloadRequest], size: int = 6000
 ) -> list[WorkloadRequest]:
     """Completions to fit providers on: a workload of the same mix built with a different seed, minus every
-    request whose prompt (CASTILLO prompt id) also occurs in the benchmark workload.
+    request whose prompt (CASTILLO prompt id) or workflow also occurs in the benchmark workload.
 
-    Compound calls are kept: the deep-research set has fewer workflows than a benchmark draws, so they
-    cannot be made disjoint by workflow; the empirical provider and the job profile only pool them per app
-    and stage, which carries no per-request information.
+    Compound jobs come from the other half of the workflows (``build_cached(part="train")``), so that graph
+    matching never meets a job it has stored; a workload file's own workflows are dropped as well.
     """
     rate = max(1.0, size / spec.duration_s)
     train_spec = replace(spec, rps=rate, arrivals="poisson", seed=spec.seed + TRAINING_SEED_OFFSET)
-    used = {w.source for w in benchmark if w.source and w.slo_class is not SLOClass.COMPOUND}
-    return [w for w in build_cached(train_spec) if w.slo_class is SLOClass.COMPOUND or w.source not in used]
+    used = {w.source for w in benchmark if w.source}
+    return [w for w in build_cached(train_spec, part="train") if w.source not in used]
 
 
 def job_graphs(requests: Iterable[WorkloadRequest]) -> list[tuple[str, JobGraph]]:

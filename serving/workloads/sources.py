@@ -7,6 +7,7 @@ naming the file and line on malformed input.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +43,18 @@ def deep_research_path() -> Path:
 
 def azure_conv_trace_path() -> Path:
     return data_path("azure_llm_2023", "AzureLLMInferenceTrace_conv.csv")
+
+
+def split_workflows(workflows: list[Workflow] | tuple[Workflow, ...],
+                    train_fraction: float = 0.5) -> tuple[list[Workflow], list[Workflow]]:
+    """``(train, serve)``: the workflows split by a stable hash of their id, so that the past jobs a policy
+    learns from (graph matching, per-app quantiles) are never the jobs it is benchmarked on."""
+    train: list[Workflow] = []
+    serve: list[Workflow] = []
+    for flow in workflows:
+        digest = hashlib.sha1(f"workflow:{flow.workflow_id}".encode()).digest()
+        (train if int.from_bytes(digest[:8], "big") / 2**64 < train_fraction else serve).append(flow)
+    return train, serve
 
 
 def load_workflows(path: Path | None = None) -> list[Workflow]:
