@@ -124,6 +124,7 @@ class TempoPolicy(Policy):
         compute_density: bool = True,
         be_only_when_idle: bool = True,
         serve_by_laxity: bool = False,
+        stage_deadlines: bool = False,
         job_profile: JobProfile | None = None,
         job_graphs: JobOutlookSource | None = None,
         job_estimate: str = "graphs",
@@ -148,6 +149,7 @@ class TempoPolicy(Policy):
         self.compute_density = bool(compute_density)
         self.be_only_when_idle = bool(be_only_when_idle)
         self.serve_by_laxity = bool(serve_by_laxity)
+        self.stage_deadlines = bool(stage_deadlines)
         self.job_profile = job_profile or JobProfile()
         self.job_graphs = job_graphs
         self.job_estimate = job_estimate
@@ -155,7 +157,7 @@ class TempoPolicy(Policy):
         use_graphs = job_graphs is not None and job_estimate == "graphs"
         outlook: JobOutlookSource = job_graphs if use_graphs and job_graphs is not None else self.job_profile
         self.truth = truth
-        self._table = RequestTable(outlook, truth)
+        self._table = RequestTable(outlook, truth, stage_deadlines=self.stage_deadlines)
 
     def kwargs(self) -> dict[str, Any]:
         """The constructor arguments that reproduce this policy (besides job profile and truth)."""
@@ -171,6 +173,7 @@ class TempoPolicy(Policy):
             "compute_density": self.compute_density,
             "be_only_when_idle": self.be_only_when_idle,
             "serve_by_laxity": self.serve_by_laxity,
+            "stage_deadlines": self.stage_deadlines,
             "job_estimate": self.job_estimate,
         }
 
@@ -368,7 +371,8 @@ def _parse_params(params: dict[str, Any]) -> dict[str, Any]:
     for key in ("p", "min_success"):
         if key in out:
             out[key] = float(out[key])
-    for key in ("pace", "budget_control", "compute_density", "be_only_when_idle", "serve_by_laxity"):
+    for key in ("pace", "budget_control", "compute_density", "be_only_when_idle", "serve_by_laxity",
+                "stage_deadlines"):
         if key in out and isinstance(out[key], str):
             out[key] = out[key].strip().lower() in ("1", "true", "yes", "on")
     return out

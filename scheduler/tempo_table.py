@@ -85,8 +85,12 @@ class Frame:
 class RequestTable:
     """Rows of per-request constants, keyed by request id (slots are reused once a request is gone)."""
 
-    def __init__(self, job_outlook: JobOutlookSource, truth: OracleTruth | None = None, capacity: int = 1024) -> None:
+    def __init__(self, job_outlook: JobOutlookSource, truth: OracleTruth | None = None, capacity: int = 1024,
+                 stage_deadlines: bool = False) -> None:
         self.job_outlook = job_outlook
+        # a compound call is due by its stage's sub-deadline (phi(s) of the job deadline, where the outlook
+        # gives one) instead of by the job deadline less the time the rest of the job needs
+        self.stage_deadlines = stage_deadlines
         self.truth = truth
         # (job id, stage, calls released in it) -> outlook: the job's history is fixed for a stage, and a
         # matcher's answer costs more than a row
@@ -155,8 +159,12 @@ class RequestTable:
             else:
                 outlook = self._outlook(app, job)
             row[KIND], row[DUE], row[CALLS], row[DONE] = COMPOUND, job_arrival + slo.job_deadline_s, calls, done
-            row[PREFILL_AFTER] = outlook.prefill_tokens_after
-            row[AFTER_B] = outlook.decode_tokens_after + outlook.stages_after
+            phi = outlook.sub_deadline_fraction
+            if self.stage_deadlines and phi is not None:
+                row[DUE] = job_arrival + phi * slo.job_deadline_s
+            else:
+                row[PREFILL_AFTER] = outlook.prefill_tokens_after
+                row[AFTER_B] = outlook.decode_tokens_after + outlook.stages_after
             row[TOKENS_AFTER] = outlook.tokens_after
             row[PREFILL_TOTAL] = outlook.prefill_total_after
             row[DECODE_TOTAL] = outlook.decode_total_after

@@ -163,6 +163,24 @@ def test_a_compound_call_sees_its_job() -> None:
     state = a.snapshot([], [call], make_limits(), make_timing(), 0).requests[0]
     assert state.job is not None and state.job.job_arrival_s == 50.0 and state.job.done_tokens == 25
     assert state.arrival_s == 61.0  # the call's own release time
+    assert state.job.history == (((20, 5),),) and state.job.stage_prompts == (20,)  # what graph matching sees
+
+
+def test_a_finished_job_is_learned_once_after_it_goes_quiet() -> None:
+    learned: list[tuple[str, list[list[tuple[int, int]]]]] = []
+    a = EngineAdapter(Scripted(), SLODefaults(), 2048, 256, clock=lambda: 100.0, job_done_s=30.0,
+                      learn_job=lambda app, graph: learned.append((app, graph)))
+    for stage, (rid, t) in enumerate([("s0", 50.0), ("s1", 60.0)]):
+        req = Req(rid, arrival_time=t, xargs=xargs(slo_class="compound", job_id="J", stage=stage, job_deadline_s=90,
+                                                   app="research"))
+        a.add(req)
+        req.decode(3 + stage)
+        a.finish(a.live[rid], "stop", t + 5)
+    assert learned == []  # quiet for 5 s only: its next stage may still come
+    a.add(Req("other", xargs=xargs()))
+    a.finish(a.live["other"], "stop", 100.0)  # 35 s after the job's last call
+    a.finish(a.live.get("other") or a.add(Req("again", xargs=xargs())), "stop", 101.0)
+    assert learned == [("research", [[(20, 3)], [(20, 4)]])] and a.stats.jobs_learned == 1
 
 
 # ---------------------------------------------------------------- decisions

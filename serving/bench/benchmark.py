@@ -12,6 +12,7 @@ without the estimator), ``tempo@p=2``, ``oracle``.
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
 import time
@@ -31,6 +32,7 @@ from tempo.serving.bounds.providers import (
     ProviderContext,
     build_cached,
     describe_provider,
+    fit_job_graphs,
     fit_job_profile,
     make_provider,
     provider_names,
@@ -257,6 +259,13 @@ class RateSetup:
     ladders: dict[str, dict[str, BoundLadder]] = field(default_factory=dict)
     estimators: dict[str, dict[str, Any]] = field(default_factory=dict)
     job_profile: Any = None
+    job_graphs: Any = None  # the pattern-graph store of the training jobs
+
+
+def fresh_store(store: Any) -> Any:
+    """A copy of the training jobs' graph store for one run: matching marks what it used (decay), so runs
+    must not share one."""
+    return copy.deepcopy(store) if store is not None else None
 
 
 def build_truth(workload: Sequence[WorkloadRequest]) -> OracleTruth:
@@ -292,6 +301,7 @@ def setup_rate(config: BenchConfig, rps: float | None) -> RateSetup:
     training = training_workload(base, workload, size=config.training_size)
     setup = RateSetup(rate, workload, window, training, build_truth(workload))
     setup.job_profile = fit_job_profile(training, config.quantile)
+    setup.job_graphs = fit_job_graphs(training, config.quantile)
     return setup
 
 
@@ -326,7 +336,7 @@ def run_one(
     progress: Callable[[float], None] | None = None,
 ) -> tuple[RunOut, SimResult]:
     truth = setup.truth if needs_truth(spec.name) else None
-    context = PolicyContext(job_profile=setup.job_profile, truth=truth)
+    context = PolicyContext(job_profile=setup.job_profile, job_graphs=fresh_store(setup.job_graphs), truth=truth)
     try:
         policy = make_policy(spec.name, context, **dict(spec.params))
     except (TypeError, ValueError) as exc:

@@ -10,13 +10,13 @@ around ``decide()`` only (what the simulator reports as decision time).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 from tempo.scheduler.interface import EngineLimits, JobInfo, Phase, RequestState, Snapshot
 from tempo.scheduler.registry import PolicyContext, make_policy, needs_truth
-from tempo.serving.bench.benchmark import BenchConfig, build_truth, ladders_for, setup_rate
+from tempo.serving.bench.benchmark import BenchConfig, build_truth, fresh_store, ladders_for, setup_rate
 from tempo.serving.profiles.profile import load_profile
 from tempo.serving.sim.simulator import engine_timing
 from tempo.serving.workloads.format import WorkloadRequest
@@ -45,7 +45,9 @@ def _states(
     now: float,
     block_size: int,
     rng: np.random.Generator,
+    graphs: Mapping[str, tuple[tuple[tuple[int, int], ...], ...]] | None = None,
 ) -> list[RequestState]:
+    """``graphs``: job id -> its true graph, for the finished stages a compound call's job shows."""
     picks = rng.choice(len(pool), size=queued + running, replace=len(pool) < queued + running)
     states: list[RequestState] = []
     for i, index in enumerate(picks):
@@ -59,7 +61,11 @@ def _states(
             generated = int(rng.integers(1, max(2, w.output_tokens)))
         job = None
         if w.job_id is not None:
-            job = JobInfo(f"{w.job_id}#{i}", w.stage or 0, arrival - float(rng.uniform(0, 60.0)), 1, 0)
+            stage = w.stage or 0
+            graph = (graphs or {}).get(w.job_id, ())
+            prompts = tuple(p for p, _ in graph[stage]) if stage < len(graph) else ()
+            job = JobInfo(f"{w.job_id}#{i}", stage, arrival - float(rng.uniform(0, 60.0)), 1, 0, graph[:stage],
+                          prompts)
         states.append(
             RequestState(
                 rid, w.slo(), arrival, w.prompt_tokens, ladders[w.id],  # type: ignore[arg-type]
@@ -102,7 +108,8 @@ def scheduler_cost(
     rows: list[CostRow] = []
     now = 1_000.0
     for n in queued:
-        states = _states(setup.workload, dict(ladders), n, running, now, profile.engine.block_size, rng)
+        states = _states(setup.workload, dict(ladders), n, running, now, profile.engine.block_size, rng,
+                         truth_pool.jobs)
         used = sum(s.kv_blocks for s in states)
         limits = EngineLimits(
             token_budget=profile.engine.token_budget,
@@ -119,7 +126,8 @@ def scheduler_cost(
             if needs_truth(name):
                 lengths = {s.request_id: truth_pool.lengths[s.request_id.split("#")[0]] for s in states}
                 truth = type(truth_pool)(lengths, {})
-            policy = make_policy(name, PolicyContext(job_profile=setup.job_profile, truth=truth))
+            policy = make_policy(name, PolicyContext(job_profile=setup.job_profile,
+                                                     job_graphs=fresh_store(setup.job_graphs), truth=truth))
             t0 = time.perf_counter()
             policy.decide(snapshot)  # cold: nothing memoised yet
             cold = time.perf_counter() - t0

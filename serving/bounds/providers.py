@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 from tempo.data.castillo import LengthRow, load_length_rows, load_prompts
+from tempo.models.job_graphs import GraphStore
 from tempo.scheduler.bounds import BoundLadder, BoundProvider, BoundQuery
 from tempo.scheduler.jobs import JobGraph, JobProfile
 from tempo.scheduler.slo import SLOClass
@@ -255,6 +256,11 @@ def job_graphs(requests: Iterable[WorkloadRequest]) -> list[tuple[str, JobGraph]
 
 def fit_job_profile(training: Iterable[WorkloadRequest], quantile: float = 0.9) -> JobProfile:
     return JobProfile.fit(job_graphs(training), quantile)
+
+
+def fit_job_graphs(training: Iterable[WorkloadRequest], quantile: float = 0.9) -> GraphStore:
+    """The pattern-graph store of the training workload's compound jobs (what graph matching starts from)."""
+    return GraphStore(quantile=quantile).extend(job_graphs(training))
 
 
 def queries_for(workload: Iterable[WorkloadRequest]) -> list[BoundQuery]:

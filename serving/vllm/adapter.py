@@ -39,6 +39,7 @@ from tempo.scheduler.interface import (
     RequestState,
     Snapshot,
 )
+from tempo.scheduler.jobs import JobGraph
 from tempo.scheduler.slo import SLOClass
 from tempo.scheduler.step_rules import plan_step
 from tempo.serving.vllm.slo_fields import (
@@ -82,6 +83,8 @@ class JobTrack:
     last_seen_s: float = 0.0
     prompts: dict[int, list[int]] = field(default_factory=dict)  # stage -> its calls' prompt tokens so far
     finished: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # stage -> (prompt, output) done
+    app: str = ""
+    learned: bool = False  # handed to the graph matcher
 
     def info(self, job_id: str, stage: int) -> JobInfo:
         """What a policy may know of this job for a call of ``stage``: the finished earlier stages."""
@@ -187,6 +190,7 @@ class AdapterStats:
     engine_preemptions: int = 0
     rejections: int = 0
     rejected_by_job_abort: int = 0
+    jobs_learned: int = 0  # finished compound jobs handed to the graph matcher
     demotions: int = 0
     budget_cuts: int = 0  # decisions that lowered the token budget
 
@@ -236,7 +240,8 @@ class EngineAdapter:
 
     def __init__(self, policy: Policy, defaults: SLODefaults, token_budget: int, slots: int,
                  fallback_bound: Callable[[SLOClass, int | None], BoundLadder] | None = None,
-                 job_ttl_s: float = 3600.0, clock: Callable[[], float] = time.time) -> None:
+                 job_ttl_s: float = 3600.0, clock: Callable[[], float] = time.time,
+                 learn_job: Callable[[str, JobGraph], None] | None = None, job_done_s: float = 120.0) -> None:
         self.policy = policy
         self.defaults = defaults
         self.token_budget = token_budget  # the engine's budget per step
@@ -244,6 +249,10 @@ class EngineAdapter:
         self.fallback_bound = fallback_bound or (lambda cls, max_tokens: BoundLadder.fixed(
             max_tokens or 1024, fallback=True))
         self.job_ttl_s = job_ttl_s
+        # a job with no call for ``job_done_s`` is taken as finished and handed to ``learn_job`` (the graph
+        # matcher learns it online); a stage comes as soon as the one before ends, or after a tool's time
+        self.learn_job = learn_job
+        self.job_done_s = job_done_s
         self.clock = clock
         self.live: dict[str, LiveRequest] = {}
         self.jobs: OrderedDict[str, JobTrack] = OrderedDict()
@@ -271,7 +280,7 @@ class EngineAdapter:
         if rslo.job_id is not None:
             job = self.jobs.get(rslo.job_id)
             if job is None:
-                job = self.jobs[rslo.job_id] = JobTrack(first_arrival_s=req.arrival_time)
+                job = self.jobs[rslo.job_id] = JobTrack(first_arrival_s=req.arrival_time, app=rslo.app)
             self.jobs.move_to_end(rslo.job_id)
             job.stage_calls[rslo.stage or 0] = job.stage_calls.get(rslo.stage or 0, 0) + 1
             job.prompts.setdefault(rslo.stage or 0, []).append(int(req.num_prompt_tokens))
@@ -499,7 +508,16 @@ class EngineAdapter:
         return record
 
     def _expire_jobs(self, now: float) -> None:
-        """Forget jobs with no live call for ``job_ttl_s`` (their next stage would have come by then)."""
+        """Learn the jobs idle for ``job_done_s`` (oldest arrivals first) and forget those idle for
+        ``job_ttl_s`` (their next stage would have come by then)."""
+        if self.learn_job is not None:
+            for job in self.jobs.values():
+                if job.live_calls > 0 or now - job.last_seen_s < self.job_done_s:
+                    break
+                if not job.learned and job.failed is None and job.finished:
+                    job.learned = True
+                    self.learn_job(job.app, [job.finished[s] for s in sorted(job.finished)])
+                    self.stats.jobs_learned += 1
         while self.jobs:
             job_id, job = next(iter(self.jobs.items()))
             if job.live_calls > 0 or now - job.last_seen_s < self.job_ttl_s:

@@ -3,7 +3,8 @@ on the vendored data at start-up (~2 s, once per process).
 
 The front end answers with them when no estimator service is configured, and as the flagged fallback
 when the service is slow or down; the engine uses them for a request that reached it without a ladder
-(e.g. through vLLM's offline API), and the job profile for Tempo's compound sub-deadlines.
+(e.g. through vLLM's offline API), and the pattern graphs of past jobs (per-app quantiles as the
+fallback) for what Tempo expects of a compound call's job.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 from tempo.scheduler.bounds import BoundLadder
 from tempo.scheduler.jobs import JobProfile
 from tempo.scheduler.slo import SLOClass
-from tempo.serving.bounds.providers import EmpiricalProvider, fit_job_profile, training_workload
+from tempo.serving.bounds.providers import EmpiricalProvider, fit_job_graphs, fit_job_profile, training_workload
 from tempo.serving.workloads.builder import WorkloadSpec
 from tempo.serving.workloads.format import WorkloadRequest
 
@@ -36,6 +37,7 @@ class LocalBounds:
         self.fixed = int(np.quantile(lengths, quantile, method="inverted_cdf"))
         self.quantile = quantile
         self.job_profile: JobProfile = fit_job_profile(training, quantile)
+        self.job_graphs = fit_job_graphs(training, quantile)  # learns the served jobs online (the engine's adapter)
 
     def ladder(self, slo_class: SLOClass, app: str, max_tokens: int | None = None,
                fallback: bool = False) -> BoundLadder:

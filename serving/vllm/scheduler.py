@@ -135,7 +135,8 @@ class TempoSchedulerMixin:
         config = self.tempo_config = ServeConfig.from_env()
         LiveRequest.running_status = RequestStatus.RUNNING
         bounds = local_bounds(config.bounds_model, config.quantile, config.local_bounds)
-        policy = make_policy(config.policy, PolicyContext(job_profile=bounds.job_profile), **config.policy_params)
+        context = PolicyContext(job_profile=bounds.job_profile, job_graphs=bounds.job_graphs)
+        policy = make_policy(config.policy, context, **config.policy_params)
         self.tempo_budget = int(self.max_num_scheduled_tokens)
         slots = config.step_slots or int(self.max_num_running_reqs)
 
@@ -143,7 +144,7 @@ class TempoSchedulerMixin:
             return bounds.ladder(cls, config.default_app, max_tokens, fallback=True)
 
         self.tempo = EngineAdapter(policy, config.slo_defaults(), self.tempo_budget, slots, fallback,
-                                   config.job_ttl_s)
+                                   config.job_ttl_s, learn_job=bounds.job_graphs.add)
         self.tempo_timer = StepTimer(engine_timing(load_profile(config.profile)), self.tempo_budget)
         self.waiting = PlannedWaitingQueue(self.waiting)
         self.tempo_metrics = engine_metrics()
