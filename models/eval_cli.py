@@ -297,20 +297,29 @@ def run_leave_one_model_out(rows: list[LengthRow], prompts: dict[str, str], held
     completions (distinct prompts where possible, as they would arrive in service), per (served model |
     app) group where the completions allow, each shrunk toward the held-out model's pooled offset.
 
-    One draw of N completions moves coverage by about sqrt(q(1-q)/N) (0.02 at N = 200), so each N is
-    drawn ``draws`` times: the mean is what a deployment can expect, the 10-90% range how far one draw
-    may land from it; per dataset, the mean over draws of its coverage. ``test_rows``: the base model
-    trains on ``rows`` (75/25), the recalibration completions come from the held-out model's rows of
-    ``rows`` and its coverage is measured on its rows of ``test_rows``. Every method of ``calibrations``
-    calibrates the same fitted model (the first is the main one: ``before_recalibration`` and ``after``)."""
+    A deployment is one draw of which prompts it recalibrates on and which it then serves: each of the
+    ``draws`` draws splits the held-out model's prompts in two at random (a recalibration pool and the
+    traffic it is tested on) and draws N completions from its pool. The mean over draws is what a
+    deployment can expect, the 10-90% range how far one may land from it; per dataset, the mean over
+    draws of its coverage. (A fixed split would measure one set of ~100 test prompts per dataset: with
+    ten correlated samples per prompt, its quantiles differ from the pool's by as much as the
+    recalibration corrects.) ``before_recalibration`` is scored on all of the held-out model's prompts.
+    ``test_rows``: the base model trains on ``rows`` (75/25), the recalibration completions come from the
+    held-out model's rows of ``rows``, and its coverage is measured on its rows of ``test_rows`` (the same
+    split every draw). Every method of ``calibrations`` calibrates the same fitted model on the same
+    draws (the first is the main one: ``before_recalibration`` and ``after``)."""
     others = [r for r in rows if r.model != held_out]
     target = [r for r in rows if r.model == held_out]
+    rng = np.random.default_rng(seed)
     if test_rows is None:
         if not target or not others:
             raise TempoError(f"--leave-one-model-out: model {held_out!r} has no rows, or no other model has")
+        if len({r.prompt_id for r in target}) < 2:
+            raise TempoError(f"--leave-one-model-out: model {held_out!r} has one prompt; recalibrating and testing "
+                             "need two at least")
         train = _split(others, prompts)
-        held = _split(target, prompts)
-        recal_pool, test = held.calibration, held.test
+        everything = samples_from_rows(target, prompts)
+        splits = [_halves(target, prompts, rng) for _ in range(draws)]
     else:
         held_test = [r for r in test_rows if r.model == held_out]
         if not held_test or not others:
@@ -319,22 +328,24 @@ def run_leave_one_model_out(rows: list[LengthRow], prompts: dict[str, str], held
         if not target:
             raise TempoError(f"--leave-one-model-out: model {held_out!r} has no rows in --train to recalibrate on")
         train = _split(others, prompts, test_rows=held_test)
-        recal_pool, test = samples_from_rows(target, prompts), train.test
+        everything = train.test
+        splits = [(samples_from_rows(target, prompts), train.test)] * draws
     fitted = LengthBoundModel(quantile=quantile, seed=seed, model_params={"n_estimators": n_estimators})
     fitted.fit(train.fit)
-    apps = test.sample_apps
     keys = ("coverage", "min_dataset_coverage", "reserved_per_used", "mean_slack_tokens")
 
-    def score(m: LengthBoundModel) -> dict[str, Any]:
-        metrics = bound_metrics(test.lengths, m.predict_bound(test.requests)[test.request_index], apps, quantile)
+    def score(m: LengthBoundModel, test: LengthSamples) -> dict[str, Any]:
+        metrics = bound_metrics(test.lengths, m.predict_bound(test.requests)[test.request_index], test.sample_apps,
+                                quantile)
         out = {k: metrics[k] for k in keys}
         out["coverage_by_dataset"] = {a: v["coverage"] for a, v in metrics["coverage_by_dataset"].items()}
         return out
 
     def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
         coverage = np.array([r["coverage"] for r in results])
-        datasets = sorted(results[0]["coverage_by_dataset"])
-        by_dataset = {a: round(float(np.mean([r["coverage_by_dataset"][a] for r in results])), 4) for a in datasets}
+        datasets = sorted(set().union(*(r["coverage_by_dataset"] for r in results)))
+        by_dataset = {a: round(float(np.mean([r["coverage_by_dataset"][a] for r in results
+                                              if a in r["coverage_by_dataset"]])), 4) for a in datasets}
         return {
             **{k: round(float(np.mean([r[k] for r in results])), 4) for k in keys},
             "coverage_p10": round(float(np.percentile(coverage, 10)), 4),
@@ -343,29 +354,42 @@ def run_leave_one_model_out(rows: list[LengthRow], prompts: dict[str, str], held
             "min_dataset_mean_coverage": min(by_dataset.values()),
         }
 
+    pool, test = splits[0]
     out: dict[str, Any] = {"held_out": held_out, "draws": draws,
-                           "recalibration_pool": {"samples": len(recal_pool),
-                                                  "prompts": len(set(recal_pool.sample_units.tolist()))},
+                           "split": "fixed (--test)" if test_rows is not None else "random halves of the held-out "
+                                                                                   "model's prompts, per draw",
+                           "recalibration_pool": {"samples": len(pool),
+                                                  "prompts": len(set(pool.sample_units.tolist()))},
                            "test": {"samples": len(test), "prompts": len(set(test.sample_units.tolist()))}}
+    picks = {n: [_draw_completions(pool, n, rng) for pool, _ in splits] for n in recal_sizes}
     for method in calibrations:
         model = fitted.with_calibration(method).calibrate(train.calibration)
-        rng = np.random.default_rng(seed)  # the same draws for every method
         after: dict[str, Any] = {}
         groups: dict[str, Any] = {}
         for n in recal_sizes:
             results = []
-            for draw in range(draws):
-                recal = model.recalibrated(recal_pool.subset(_draw_completions(recal_pool, n, rng)))
-                results.append(score(recal))
+            for draw, ((pool, test), rows_n) in enumerate(zip(splits, picks[n], strict=True)):
+                recal = model.recalibrated(pool.subset(rows_n))
+                results.append(score(recal, test))
                 if draw == 0:
                     assert recal.calibration_ is not None
                     groups[str(n)] = recal.calibration_.level0.summary()
             after[str(n)] = summary(results)
-        result = {"before_recalibration": score(model), "after": after, "recalibration_groups_first_draw": groups}
+        result = {"before_recalibration": score(model, everything), "after": after,
+                  "recalibration_groups_first_draw": groups}
         if method == calibrations[0]:
             out.update(result)
         out.setdefault("by_calibration", {})[method] = result
     return out
+
+
+def _halves(rows: list[LengthRow], prompts: dict[str, str],
+            rng: np.random.Generator) -> tuple[LengthSamples, LengthSamples]:
+    """The samples of a random half of the prompts of ``rows`` and of the other half."""
+    ids = sorted({r.prompt_id for r in rows})
+    first = {ids[i] for i in rng.permutation(len(ids))[: max(1, len(ids) // 2)]}
+    return (samples_from_rows([r for r in rows if r.prompt_id in first], prompts),
+            samples_from_rows([r for r in rows if r.prompt_id not in first], prompts))
 
 
 def _draw_completions(pool: LengthSamples, n: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:

@@ -64,6 +64,26 @@ def test_eval_reports_every_method_on_unseen_data(tmp_path: Path) -> None:
     after = lomo["after"]["100"]
     assert after["coverage"] > lomo["before_recalibration"]["coverage"]
     assert after["coverage_p10"] <= after["coverage"] <= after["coverage_p90"]
+    # each draw splits the held-out model's prompts in two: the pool it recalibrates on, the traffic it serves
+    assert lomo["split"].startswith("random halves")
+    assert abs(lomo["recalibration_pool"]["prompts"] - lomo["test"]["prompts"]) <= 1
+
+
+def test_leave_one_model_out_draws_split_the_prompts_in_disjoint_halves(tmp_path: Path) -> None:
+    from tempo.data.castillo import load_length_rows, load_prompts
+    from tempo.models.eval_cli import _halves
+
+    lengths, texts = write_dataset(tmp_path)
+    rows = [r for r in load_length_rows(lengths) if r.model == "large"]
+    prompts = load_prompts(texts)
+    rng = np.random.default_rng(0)
+    firsts = []
+    for _ in range(3):
+        pool, test = _halves(rows, prompts, rng)
+        a, b = set(pool.sample_units.tolist()), set(test.sample_units.tolist())
+        assert len(pool) + len(test) == sum(len(r.samples) for r in rows) and abs(len(a) - len(b)) <= 1
+        firsts.append(sorted(str(r.prompt) for r in pool.requests))
+    assert firsts[0] != firsts[1]  # a new split each draw
 
 
 def test_cross_evaluation_tests_every_prompt_once(tmp_path: Path) -> None:
