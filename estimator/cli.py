@@ -1,4 +1,5 @@
-"""``tempo estimator ...``: serve, retrain, train, loadtest, worker, publish, rollback (and ``eval`` from models/).
+"""``tempo estimator ...``: serve, retrain, train, loadtest, worker, publish, rollback (and ``eval``,
+``eval-graphs`` from models/).
 
 User errors (bad options, unreachable Redis, bad artifacts) raise TempoError: one line, exit code 2.
 """
@@ -221,6 +222,12 @@ def rollback(redis_url: RedisUrl = None) -> None:
     """Re-activate the previously active model version."""
     settings = _settings(redis_url, None)
     typer.echo(_store(settings).rollback())
+
+
+# -- eval-graphs lives in models/ and needs numpy only -------------------------------------------------------
+from tempo.models.eval_graphs import EVAL_GRAPHS_HELP, eval_graphs_command  # noqa: E402
+
+estimator_app.command("eval-graphs", help=EVAL_GRAPHS_HELP)(eval_graphs_command)
 
 
 # -- eval lives in models/ and needs the 'ml' extra: without it the command says what is missing -----------
