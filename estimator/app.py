@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tempo.estimator.batcher import MicroBatcher
 from tempo.estimator.engine import Estimator, FallbackBounds, ServedModel
+from tempo.estimator.jobs import bootstrap_store
 from tempo.estimator.metrics import Message, Metrics, MetricsMiddleware, Scope
 from tempo.estimator.schemas import (
     ActivateResponse,
@@ -32,6 +33,8 @@ from tempo.estimator.schemas import (
     EstimateRequest,
     EstimateResponse,
     Health,
+    JobEstimateRequest,
+    JobEstimateResponse,
     ModelsResponse,
     ModelVersion,
     RefineRequest,
@@ -145,6 +148,23 @@ async def refine(body: RefineRequest, estimator: EstimatorDep) -> RefineResponse
     bound = ladder.bound_at(body.generated, body.request.max_tokens)
     return RefineResponse(upper_bound=bound, remaining=bound - body.generated, generated=body.generated,
                           quantile=estimator.quantile, model_version=version, fallback=fallback)
+
+
+@estimates.post("/jobs:estimate", response_model=JobEstimateResponse)
+def estimate_job(body: JobEstimateRequest, estimator: EstimatorDep) -> JobEstimateResponse:
+    """What a compound job has left after its current stage, matched against the graphs of past jobs of
+    its app (from memory, like every estimate)."""
+    history = [[(int(p), int(o)) for p, o in calls] for calls in body.history]
+    found = estimator.estimate_job(body.app, body.stage, history, list(body.stage_prompts))
+    phi = found.sub_deadline_fraction
+    bound = found.bound
+    return JobEstimateResponse(
+        stages_after=int(bound["stages_after"]), decode_tokens_after=int(bound["decode_tokens_after"]),
+        prefill_tokens_after=int(bound["prefill_tokens_after"]), tokens_after=found.mean["tokens_after"],
+        decode_total_after=found.mean["decode_total_after"], prefill_total_after=found.mean["prefill_total_after"],
+        median=found.median, sub_deadline_fraction=phi,
+        stage_deadline_s=phi * body.job_deadline_s if phi is not None and body.job_deadline_s is not None else None,
+        matched_jobs=round(found.samples, 2), fallback=found.fallback, quantile=estimator.quantile)
 
 
 completions = APIRouter(prefix="/v1", tags=["completions"])
@@ -327,7 +347,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                       settings.stream_maxlen, settings.dedupe_ttl_s)
         metrics = app.state.metrics
         estimator = Estimator(settings.quantile, fallback=FallbackBounds(
-            settings.quantile, settings.fallback_window, settings.fallback_default))
+            settings.quantile, settings.fallback_window, settings.fallback_default),
+            graphs=bootstrap_store(settings.quantile) if settings.graph_bootstrap else None,
+            job_done_s=settings.job_done_s)
         watcher = RegistryWatcher(store, estimator, settings.artifacts_dir, on_swap=metrics.set_model)
         metrics.set_model(None)
         try:

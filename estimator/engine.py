@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tempo.estimator.jobs import JobRecorder
 from tempo.estimator.schemas import EstimateRequest, EstimateResponse
 from tempo.models.artifact import MANIFEST, ArtifactError, load_artifact
 from tempo.models.features import (
@@ -27,9 +29,11 @@ from tempo.models.features import (
     sketch_texts,
     unpack_sketch,
 )
+from tempo.models.job_graphs import GraphEstimate, GraphStore
 from tempo.models.length_bounds import LengthBoundModel
 from tempo.models.online import Observation, OnlineLengthLearner
 from tempo.scheduler.bounds import BoundLadder
+from tempo.scheduler.jobs import JobGraph
 
 CLASSES = ("latency", "deadline", "compound", "best_effort")
 
@@ -185,8 +189,12 @@ class Estimator:
     """
 
     def __init__(self, quantile: float, learner: OnlineLengthLearner | None = None,
-                 fallback: FallbackBounds | None = None, cache_size: int = 8192) -> None:
+                 fallback: FallbackBounds | None = None, cache_size: int = 8192,
+                 graphs: GraphStore | None = None, job_done_s: float = 120.0) -> None:
         self.quantile = quantile
+        # compound jobs: the pattern graphs of finished jobs, learned from the completion records
+        self.graphs = graphs or GraphStore(quantile=quantile)
+        self.jobs = JobRecorder(done_after_s=job_done_s)
         self.learner = learner or OnlineLengthLearner(quantile=quantile)
         self.fallback = fallback or FallbackBounds(quantile)
         self.coverage = CoverageTracker()
@@ -328,7 +336,11 @@ class Estimator:
             for (_, o), b in zip(parsed, b0, strict=True):
                 o.batch_bound = float(b)
         updates = []
+        now = time.time()
         with self.lock:
+            for record in records:
+                self.jobs.observe(record, now)
+            self._learn_jobs(None)  # on the records' clock: later calls of a job may still be in the backlog
             for record, o in parsed:
                 self.learner.learn_one(o)
                 length = int(o.length)
@@ -339,3 +351,20 @@ class Estimator:
                     key = self.coverage.observe(o.request.model, slo_class, bound, length)
                     updates.append((*key, *self.coverage.summary(key)))
         return len(parsed), updates
+
+    # -- compound jobs ------------------------------------------------------------------------------
+    def _learn_jobs(self, now: float | None) -> int:
+        jobs = self.jobs.finished(now)
+        for app, graph in jobs:
+            self.graphs.add(app, graph)
+        return len(jobs)
+
+    def learn_jobs(self, now: float | None = None) -> int:
+        """Move the jobs quiet at ``now`` (default: the wall clock) into the graph store; the worker calls it
+        once it has read the stream to its end."""
+        with self.lock:
+            return self._learn_jobs(time.time() if now is None else now)
+
+    def estimate_job(self, app: str, stage: int, history: JobGraph, stage_prompts: Sequence[int]) -> GraphEstimate:
+        with self.lock:  # matching marks the graphs it used (their freshness); the worker adds graphs
+            return self.graphs.estimate(app, stage, history, stage_prompts)

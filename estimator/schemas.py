@@ -15,6 +15,8 @@ MAX_PROMPT_CHARS = 200_000
 MAX_NAME_CHARS = 200
 MAX_TOKENS = 10_000_000
 MAX_BATCH = 1024
+MAX_STAGES = 256  # a compound job's stages (an estimate request's history)
+MAX_FANOUT = 1024  # calls in one stage
 MAX_SKETCH_ENTRIES = 1 << 15
 
 SLOClassName = Literal["latency", "deadline", "compound", "best_effort"]
@@ -128,6 +130,51 @@ class CompletionRecord(_Strict):
     slo_met: bool | None = None
     finish_reason: Literal["stop", "length", "abort", "rejected", "error", "repetition"] | None = Field(
         None, description="why it ended; only stop / length records are learned from (others are censored)")
+    job_id: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")] | None = Field(
+        None, description="compound call: its job (the job's graph is learned once the job goes quiet)")
+    stage: int | None = Field(None, ge=0, le=MAX_STAGES - 1, description="compound call: its stage, from 0")
+
+
+Call = tuple[Tokens, PositiveTokens]  # (prompt tokens, output tokens) of one finished call
+
+
+class JobEstimateRequest(_Strict):
+    """A compound job so far: its finished stages and the prompts of the stage being run."""
+
+    app: Name = Field(description="the job's app (graphs are matched within an app)")
+    stage: int = Field(ge=0, le=MAX_STAGES - 1, description="the stage being run, from 0")
+    history: list[Annotated[list[Call], Field(min_length=1, max_length=MAX_FANOUT)]] = Field(
+        default_factory=list, max_length=MAX_STAGES, description="the finished stages: each call's [prompt, output]")
+    stage_prompts: list[Tokens] = Field(default_factory=list, max_length=MAX_FANOUT,
+                                        description="prompt tokens of the current stage's calls")
+    job_deadline_s: Seconds | None = Field(None, description="the job's deadline (from its arrival): the answer "
+                                           "then gives the current stage's sub-deadline in seconds")
+
+    @model_validator(mode="after")
+    def _history_is_the_stages_before(self) -> JobEstimateRequest:
+        if len(self.history) != self.stage:
+            raise ValueError(f"history must hold the {self.stage} finished stage(s) before stage {self.stage}, "
+                             f"got {len(self.history)}")
+        return self
+
+
+class JobEstimateResponse(BaseModel):
+    """What remains after the current stage: bounds at the served quantile on the critical path (the
+    longest call of each later stage), means of the totals, and the stage's sub-deadline."""
+
+    stages_after: int
+    decode_tokens_after: int
+    prefill_tokens_after: int
+    tokens_after: float
+    decode_total_after: float
+    prefill_total_after: float
+    median: dict[str, float] = Field(description="weighted median of the matched jobs (a point estimate)")
+    sub_deadline_fraction: float | None = Field(description="phi(s): fraction of the job deadline by which this "
+                                                "stage should be done")
+    stage_deadline_s: float | None = Field(description="phi(s) x job_deadline_s, when the deadline was given")
+    matched_jobs: float = Field(description="effective number of past jobs behind the answer")
+    fallback: bool = Field(description="too few matches: the app's per-stage quantiles answered")
+    quantile: float
 
 
 class CompletionAccepted(BaseModel):

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     fallback_window: int = Field(default=2000, ge=10)  # recent completions per class behind the fallback bound
     fallback_default: int = Field(default=1024, ge=1)  # fallback bound before any completion is seen
     apply_delay_s: float = Field(default=0.0, ge=0)  # sleep per applied record: fault-injection tests only
+    job_done_s: float = Field(default=120.0, gt=0)  # a compound job with no call for this long is learned
+    graph_bootstrap: bool = True  # start the graph store from the vendored deep-research jobs (training half)
 
     @model_validator(mode="after")
     def _blocking_read_fits_the_socket_timeout(self) -> Settings:

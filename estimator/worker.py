@@ -25,6 +25,7 @@ from tempo.estimator.engine import Estimator, ServedModel
 from tempo.estimator.settings import Settings
 from tempo.estimator.store import ONLINE_GROUP, REDIS_ERRORS, Store
 from tempo.models.artifact import ArtifactError
+from tempo.models.job_graphs import GraphStore
 from tempo.models.online import OnlineLengthLearner
 
 log = logging.getLogger("tempo.estimator.worker")
@@ -51,6 +52,7 @@ class OnlineWorker:
         self.applied = 0  # records applied by this process (re-deliveries included)
         self.skipped = 0  # re-delivered records already in the state
         self.dropped = 0  # entries that were not valid records (acknowledged, not applied)
+        self.jobs_changed = False  # the graph store learned a job since the last commit
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -60,6 +62,7 @@ class OnlineWorker:
         if state is not None:
             self.estimator.set_learner(OnlineLengthLearner.from_dict(state["learner"]))
             self.last_id = str(state.get("last_id", "0-0"))
+            self._restore_jobs(state)
         self.uncommitted = []
         consumer = self.settings.consumer
         while True:
@@ -79,19 +82,36 @@ class OnlineWorker:
         entries = self.store.read_group(ONLINE_GROUP, self.settings.consumer, self.settings.worker_batch,
                                         block_ms=self.settings.worker_block_ms)
         self._apply(entries)
+        if not entries and self.estimator.learn_jobs():  # caught up: jobs that went quiet since their last call
+            self.jobs_changed = True
         due = (len(self.uncommitted) >= self.settings.checkpoint_every
                or time.monotonic() - self.last_commit >= self.settings.checkpoint_interval_s)
-        if self.uncommitted and due:
+        if (self.uncommitted or self.jobs_changed) and due:
             self.commit()
         return len(entries)
 
     def commit(self) -> None:
         learner = self.estimator.learner
         with self.estimator.lock:
-            state = {"learner": learner.to_dict(), "last_id": self.last_id}
+            state = {"learner": learner.to_dict(), "last_id": self.last_id,
+                     "graphs": self.estimator.graphs.to_dict(), "jobs": self.estimator.jobs.to_dict()}
         self.store.commit_online(state, self.uncommitted)
         self.uncommitted = []
+        self.jobs_changed = False
         self.last_commit = time.monotonic()
+
+    def _restore_jobs(self, state: dict[str, Any]) -> None:
+        """The graph store and the partial jobs of the committed state (a state from before issue #12 has
+        neither: the store starts from what the service was given)."""
+        estimator = self.estimator
+        with estimator.lock:
+            if isinstance(state.get("graphs"), dict):
+                try:
+                    estimator.graphs = GraphStore.from_dict(state["graphs"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.warning("committed graph store unreadable (%s): keeping the bootstrap store", exc)
+            if isinstance(state.get("jobs"), dict):
+                estimator.jobs.restore(state["jobs"])
 
     def _apply(self, entries: list[tuple[str, dict[str, Any] | None]]) -> None:
         fresh: list[dict[str, Any]] = []
