@@ -9,9 +9,10 @@ fallback) for what Tempo expects of a compound call's job.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
+from tempo.models.job_graphs import GraphStore
 from tempo.scheduler.bounds import BoundLadder
 from tempo.scheduler.jobs import JobProfile
 from tempo.scheduler.slo import SLOClass
@@ -37,7 +38,13 @@ class LocalBounds:
         self.fixed = int(np.quantile(lengths, quantile, method="inverted_cdf"))
         self.quantile = quantile
         self.job_profile: JobProfile = fit_job_profile(training, quantile)
-        self.job_graphs = fit_job_graphs(training, quantile)  # learns the served jobs online (the engine's adapter)
+        self._training = training
+
+    @cached_property
+    def job_graphs(self) -> GraphStore:
+        """The pattern graphs of the training jobs; the engine's adapter adds the served ones. Built on first
+        use: the front end, which answers fallback ladders on the request path, never needs it."""
+        return fit_job_graphs(self._training, self.quantile)
 
     def ladder(self, slo_class: SLOClass, app: str, max_tokens: int | None = None,
                fallback: bool = False) -> BoundLadder:
