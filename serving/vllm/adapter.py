@@ -256,6 +256,7 @@ class EngineAdapter:
         self.clock = clock
         self.live: dict[str, LiveRequest] = {}
         self.jobs: OrderedDict[str, JobTrack] = OrderedDict()
+        self.to_learn: OrderedDict[str, JobTrack] = OrderedDict()  # jobs not yet learned, by last arrival
         self.stats = AdapterStats()
         self.run: list[LiveRequest] = []
         self.budget = token_budget
@@ -282,6 +283,9 @@ class EngineAdapter:
             if job is None:
                 job = self.jobs[rslo.job_id] = JobTrack(first_arrival_s=req.arrival_time, app=rslo.app)
             self.jobs.move_to_end(rslo.job_id)
+            if self.learn_job is not None and not job.learned:
+                self.to_learn[rslo.job_id] = job
+                self.to_learn.move_to_end(rslo.job_id)
             job.stage_calls[rslo.stage or 0] = job.stage_calls.get(rslo.stage or 0, 0) + 1
             job.prompts.setdefault(rslo.stage or 0, []).append(int(req.num_prompt_tokens))
             job.live_calls += 1
@@ -510,14 +514,15 @@ class EngineAdapter:
     def _expire_jobs(self, now: float) -> None:
         """Learn the jobs idle for ``job_done_s`` (oldest arrivals first) and forget those idle for
         ``job_ttl_s`` (their next stage would have come by then)."""
-        if self.learn_job is not None:
-            for job in self.jobs.values():
-                if job.live_calls > 0 or now - job.last_seen_s < self.job_done_s:
-                    break
-                if not job.learned and job.failed is None and job.finished:
-                    job.learned = True
-                    self.learn_job(job.app, [job.finished[s] for s in sorted(job.finished)])
-                    self.stats.jobs_learned += 1
+        while self.learn_job is not None and self.to_learn:
+            job_id, job = next(iter(self.to_learn.items()))
+            if job.live_calls > 0 or now - job.last_seen_s < self.job_done_s:
+                break
+            del self.to_learn[job_id]
+            if job.failed is None and job.finished:
+                job.learned = True
+                self.learn_job(job.app, [job.finished[s] for s in sorted(job.finished)])
+                self.stats.jobs_learned += 1
         while self.jobs:
             job_id, job = next(iter(self.jobs.items()))
             if job.live_calls > 0 or now - job.last_seen_s < self.job_ttl_s:
