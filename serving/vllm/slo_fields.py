@@ -32,6 +32,7 @@ SLO_FIELDS = ("slo_class", "ttft_slo_s", "tbt_slo_s", "deadline_s", "job_id", "s
 RESERVED_PREFIX = "tempo_"
 TTFT_HEADER, TPOT_HEADER = "x-slo-ttft-ms", "x-slo-tpot-ms"
 MAX_SLO_S = 7 * 24 * 3600.0  # a week: anything longer is a unit mistake (milliseconds sent as seconds)
+MIN_SLO_S = 1e-3  # a millisecond: anything shorter is a mistake, and a denormal TBT overflows the scheduler's sums
 
 # keys the front end writes for the engine
 LADDER_KEY = "tempo_ladder"
@@ -55,7 +56,7 @@ def _finite(value: float) -> float:
     return value
 
 
-Seconds = Annotated[float, Field(gt=0, le=MAX_SLO_S), AfterValidator(_finite)]
+Seconds = Annotated[float, Field(ge=MIN_SLO_S, le=MAX_SLO_S), AfterValidator(_finite)]
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
 
 
@@ -114,8 +115,9 @@ def _header_ms(headers: Mapping[str, str], name: str) -> float | None:
         value = float(raw)
     except ValueError:
         raise SLOFieldError(f"header {name} must be a number of milliseconds, got {raw[:40]!r}", name) from None
-    if not math.isfinite(value) or not 0 < value <= MAX_SLO_S * 1000:
-        raise SLOFieldError(f"header {name} must be a positive number of milliseconds, got {raw[:40]!r}", name)
+    if not math.isfinite(value) or not MIN_SLO_S * 1000 <= value <= MAX_SLO_S * 1000:
+        raise SLOFieldError(f"header {name} must be a number of milliseconds from {MIN_SLO_S * 1000:g} to "
+                            f"{MAX_SLO_S * 1000:g}, got {raw[:40]!r}", name)
     return value / 1000.0
 
 
