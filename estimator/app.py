@@ -338,6 +338,9 @@ def _clean(value: object) -> str:
     return str(value)[:200].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+BACKGROUND_TIMEOUT_S = 5.0
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -350,7 +353,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.quantile, settings.fallback_window, settings.fallback_default),
             graphs=bootstrap_store(settings.quantile) if settings.graph_bootstrap else None,
             job_done_s=settings.job_done_s)
-        watcher = RegistryWatcher(store, estimator, settings.artifacts_dir, on_swap=metrics.set_model)
+        # the background loops get their own connection with a longer socket timeout: the short one keeps a
+        # dead Redis from stalling a request, but on a busy machine it also cut the learner's blocking reads
+        # short, and each cut made it re-sync from the committed state
+        background_store = Store(settings.redis_url, settings.key_prefix, settings.stream,
+                                 max(BACKGROUND_TIMEOUT_S, settings.redis_timeout_s), settings.stream_maxlen,
+                                 settings.dedupe_ttl_s)
+        watcher = RegistryWatcher(background_store, estimator, settings.artifacts_dir, on_swap=metrics.set_model)
         metrics.set_model(None)
         try:
             watcher.poll()
@@ -362,7 +371,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except REDIS_ERRORS as exc:
             log.warning("redis unavailable at startup (%s): serving fallback bounds until it is back", exc)
             metrics.redis_up.set(0)
-        worker = OnlineWorker(store, estimator, settings, on_applied=metrics.applied) if settings.run_worker else None
+        worker = (OnlineWorker(background_store, estimator, settings, on_applied=metrics.applied)
+                  if settings.run_worker else None)
         background = Background(worker, watcher, settings.registry_poll_s, on_redis=metrics.redis_up.set)
         app.state.settings, app.state.store, app.state.estimator = settings, store, estimator
         app.state.background, app.state.worker = background, worker
@@ -374,6 +384,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             background.stop()
             store.close()
+            background_store.close()
 
     app = FastAPI(title="Tempo length estimator", version="1", lifespan=lifespan)
     app.state.settings = settings

@@ -69,9 +69,10 @@ def completion_records(model: str, split: str = "test", n: int = 1000, seed: int
 
 
 def small_artifact(model: str = DEFAULT_MODEL, n_rows: int = 1500, n_estimators: int = 30,
-                   cache: Path = CACHE, apps: tuple[str, ...] | None = None) -> Path:
+                   cache: Path = CACHE, apps: tuple[str, ...] | None = None, quantile: float = 0.9) -> Path:
     """A small calibrated artifact for ``model`` (cached; ``apps``: train on these source apps only)."""
-    key_parts: list[object] = [model, n_rows, n_estimators, "v1"] + ([sorted(apps)] if apps else [])
+    key_parts: list[object] = ([model, n_rows, n_estimators, "v1"] + ([sorted(apps)] if apps else [])
+                               + ([quantile] if quantile != 0.9 else []))
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:12]
     directory = cache / f"artifact-{key}"
     try:
@@ -85,6 +86,6 @@ def small_artifact(model: str = DEFAULT_MODEL, n_rows: int = 1500, n_estimators:
     texts = prompts()
     fit = samples_from_rows(splits["fit"][:n_rows], texts)
     cal = samples_from_rows(splits["calibration"][: max(n_rows // 3, 300)], texts)
-    bound_model = LengthBoundModel(quantile=0.9, model_params={"n_estimators": n_estimators}).fit(fit).calibrate(cal)
+    bound_model = LengthBoundModel(quantile=quantile, model_params={"n_estimators": n_estimators}).fit(fit).calibrate(cal)
     save_artifact(bound_model, directory, data_summary={"model": model, "rows": n_rows})
     return directory

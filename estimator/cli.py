@@ -205,16 +205,27 @@ def worker(redis_url: RedisUrl = None, artifacts: Artifacts = None,
 @estimator_app.command("publish")
 def publish(directory: Annotated[Path, typer.Argument(help="A saved model artifact.")], redis_url: RedisUrl = None,
             artifacts: Artifacts = None,
-            activate: Annotated[bool, typer.Option(help="Also make it the active version.")] = True) -> None:
-    """Verify an artifact, copy it under the artifacts directory, register (and activate) it."""
+            activate: Annotated[bool, typer.Option(help="Also make it the active version.")] = True,
+            gate: Annotated[bool, typer.Option(help="Judge it first as the retraining job judges its candidates "
+                                               "(coverage and overestimation against the active model on the "
+                                               "held-back slice of recent completions); refuse it, exit 1, when "
+                                               "it is worse.")] = True) -> None:
+    """Verify an artifact (checksums), copy it under the artifacts directory, register (and activate) it."""
     from tempo.estimator.retrain import publish as run_publish
+    from tempo.estimator.retrain import publish_gated
     from tempo.models.artifact import ArtifactError
 
     settings = _settings(redis_url, artifacts)
     try:
-        typer.echo(run_publish(_store(settings), directory, settings.artifacts_dir, activate))
+        if not gate:
+            typer.echo(run_publish(_store(settings), directory, settings.artifacts_dir, activate))
+            return
+        report = publish_gated(_store(settings), settings, directory, activate=activate)
     except ArtifactError as exc:
         raise TempoError(str(exc)) from None
+    typer.echo(json.dumps(report.to_dict(), indent=1))
+    if report.status == "rejected":
+        raise typer.Exit(1)
 
 
 @estimator_app.command("rollback")

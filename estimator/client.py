@@ -26,6 +26,7 @@ class EstimatorClient:
         """``fallback(query, max_tokens)``: the ladder when the service fails (default: the per-class
         q-quantile of the completions this client recorded, flagged ``fallback``)."""
         self.max_batch = max_batch
+        self.max_connections = max_connections
         self.fallback_ladder = fallback
         self.quantile = quantile
         self.fallback = FallbackBounds(quantile)
@@ -33,6 +34,7 @@ class EstimatorClient:
         self.buffer_size = buffer_size
         self.dropped = 0  # completion records dropped because the buffer was full
         self.fallbacks = 0  # ladders answered by the client's fallback
+        self._pending: set[asyncio.Future[list[BoundLadder]]] = set()  # calls that outlived their caller
         self._http = httpx.AsyncClient(
             base_url=base_url, timeout=httpx.Timeout(timeout_s), transport=transport,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections))
@@ -47,6 +49,31 @@ class EstimatorClient:
         await self._http.aclose()
 
     # -- estimates -------------------------------------------------------------------------------
+    async def ladders_within(self, queries: Sequence[BoundQuery], max_tokens: Sequence[int | None] | None,
+                             timeout_s: float) -> list[BoundLadder]:
+        """``ladders``, or the fallback when they take longer than ``timeout_s`` in all.
+
+        The call itself is not cancelled (``asyncio.shield``): it ends under the client's own per-phase
+        timeouts and gives its connection back. Cancelling httpx requests in flight (``wait_for`` on the
+        call) leaked connection-pool slots until every call failed with ``PoolTimeout``: after one slow
+        spell of the estimator, serving fell back for good (found by ``tempo chaos``)."""
+        if len(self._pending) >= self.max_connections:  # the pool is taken by calls still finishing: shed
+            self.fallbacks += len(queries)
+            return [self._fallback(q, max_tokens[i] if max_tokens else None) for i, q in enumerate(queries)]
+        call = asyncio.ensure_future(self.ladders(queries, max_tokens))
+        self._pending.add(call)
+        call.add_done_callback(self._pending.discard)
+        try:
+            return await asyncio.wait_for(asyncio.shield(call), timeout_s)
+        except TimeoutError:
+            self.fallbacks += len(queries)
+            return [self._fallback(q, max_tokens[i] if max_tokens else None) for i, q in enumerate(queries)]
+
+    def _fallback(self, query: BoundQuery, max_tokens: int | None) -> BoundLadder:
+        if self.fallback_ladder is not None:
+            return self.fallback_ladder(query, max_tokens)
+        return BoundLadder.fixed(self.fallback.bound(query.slo_class.value), self.quantile, fallback=True)
+
     async def ladders(self, queries: Sequence[BoundQuery], max_tokens: Sequence[int | None] | None = None
                       ) -> list[BoundLadder]:
         """One ladder per query, batched ``max_batch`` at a time (chunks in parallel); fallback on failure."""
@@ -66,10 +93,7 @@ class EstimatorClient:
                                 bool(e["fallback"])) for e in estimates]
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             self.fallbacks += len(queries)
-            if self.fallback_ladder is not None:
-                return [self.fallback_ladder(q, max_tokens[i] if max_tokens else None) for i, q in enumerate(queries)]
-            return [BoundLadder.fixed(self.fallback.bound(q.slo_class.value), self.quantile, fallback=True)
-                    for q in queries]
+            return [self._fallback(q, max_tokens[i] if max_tokens else None) for i, q in enumerate(queries)]
 
     # -- completions -----------------------------------------------------------------------------
     async def record_completion(self, record: dict[str, Any]) -> bool:

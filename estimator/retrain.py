@@ -126,15 +126,39 @@ def retrain(store: Store, settings: Settings, since: str | None = None, min_samp
     store.ensure_group(RETRAIN_GROUP, start="0")
     # the retrain group is the job's cursor: everything delivered so far was seen by a job
     cursor_entries = store.read_group(RETRAIN_GROUP, "retrain-job", count=max_records, block_ms=None)
-    entries = store.range(start=since or "-", count=max_records)
-    records = [r for _, r in entries if r is not None and isinstance(r.get("output_tokens"), int)
-               and r.get("output_tokens", 0) >= 1 and is_true_length(r)]
+    records = _true_records(store.range(start=since or "-", count=max_records))
     report = _retrain(records, store, settings, min_samples, model_params, tolerance, activate)
     report.finished_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     store.set_json("retrain:last", report.to_dict())
     store.ack(RETRAIN_GROUP, [i for i, _ in cursor_entries])
     log.info("retrain %s: %s", report.status, report.reason)
     return report
+
+
+def _true_records(entries: list[tuple[str, dict[str, Any] | None]]) -> list[dict[str, Any]]:
+    """The completion records whose output length is a true length (what a model may learn from)."""
+    return [r for _, r in entries if r is not None and isinstance(r.get("output_tokens"), int)
+            and r.get("output_tokens", 0) >= 1 and is_true_length(r)]
+
+
+def judge(candidate: LengthBoundModel, holdout: LengthSamples, store: Store, settings: Settings,
+          tolerance: float) -> RetrainReport:
+    """The gate every model passes before it is served: the candidate against the active model on held-back
+    completions (``accept``). The report's status is "rejected" (with the reason) or "activated"."""
+    cand_metrics = evaluate(candidate, holdout, settings.quantile)
+    active_version = store.active_version()
+    active_metrics = None
+    if active_version is not None:
+        try:
+            served = ServedModel.load(settings.artifacts_dir / active_version)
+            active_metrics = evaluate(served.model, holdout, settings.quantile)
+        except (OSError, ValueError) as exc:
+            log.warning("active model %s cannot be evaluated (%s): treated as absent", active_version, exc)
+    band = tolerance_for(settings.quantile, tolerance, len(holdout.requests))
+    cand_metrics["tolerance"] = round(band, 4)
+    why_not = accept(cand_metrics, active_metrics, settings.quantile, band)
+    return RetrainReport("rejected" if why_not else "activated", why_not or "not worse than the active model",
+                         0, None, active_version, cand_metrics, active_metrics or {})
 
 
 def _retrain(records: list[dict[str, Any]], store: Store, settings: Settings, min_samples: int,
@@ -148,26 +172,14 @@ def _retrain(records: list[dict[str, Any]], store: Store, settings: Settings, mi
         return RetrainReport("skipped", "too few completions with prompt sketches in some slice", len(records))
     candidate = LengthBoundModel(quantile=settings.quantile, model_params=dict(model_params or {}))
     candidate.fit(parts["fit"]).calibrate(parts["calibration"], groups_by_app=True)
-    cand_metrics = evaluate(candidate, parts["holdout"], settings.quantile)
-    active_version = store.active_version()
-    active_metrics = None
-    if active_version is not None:
-        try:
-            served = ServedModel.load(settings.artifacts_dir / active_version)
-            active_metrics = evaluate(served.model, parts["holdout"], settings.quantile)
-        except (OSError, ValueError) as exc:
-            log.warning("active model %s cannot be evaluated (%s): treated as absent", active_version, exc)
-    band = tolerance_for(settings.quantile, tolerance, len(parts["holdout"].requests))
-    cand_metrics["tolerance"] = round(band, 4)
-    why_not = accept(cand_metrics, active_metrics, settings.quantile, band)
-    report = RetrainReport("rejected" if why_not else "activated", why_not or "not worse than the active model",
-                           len(records), None, active_version, cand_metrics, active_metrics or {})
-    if why_not is not None:
+    report = judge(candidate, parts["holdout"], store, settings, tolerance)
+    report.samples = len(records)
+    if report.status == "rejected":
         return report
     settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
     staging = settings.artifacts_dir / f".candidate-{time.time_ns()}"
     summary = {"completions": len(records), "models": sorted({str(r.get("model")) for r in records})}
-    version = save_artifact(candidate, staging, data_summary=summary, metrics={"holdout": cand_metrics})
+    version = save_artifact(candidate, staging, data_summary=summary, metrics={"holdout": report.candidate_metrics})
     final = settings.artifacts_dir / version
     if final.exists():
         import shutil
@@ -175,7 +187,7 @@ def _retrain(records: list[dict[str, Any]], store: Store, settings: Settings, mi
         shutil.rmtree(staging)
     else:
         staging.rename(final)
-    store.register_version(version, {"digest": manifest_digest(final), "metrics": {"holdout": cand_metrics},
+    store.register_version(version, {"digest": manifest_digest(final), "metrics": {"holdout": report.candidate_metrics},
                                      "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     report.candidate = version
     if activate:
@@ -217,3 +229,30 @@ def periodic(store: Store, settings: Settings, every_s: float, min_samples: int,
             stop.wait(every_s)
         else:
             time.sleep(every_s)
+
+
+def publish_gated(store: Store, settings: Settings, directory: Path, tolerance: float = 0.02,
+                  min_holdout: int = 50, max_records: int = 100_000, activate: bool = True) -> RetrainReport:
+    """Publish an artifact trained elsewhere through the retraining job's gate (``judge``) on the held-back
+    slice of the latest completions: a worse model is refused and not registered. With fewer than
+    ``min_holdout`` held-back completions there is nothing to judge by: it is published, and the report
+    says so. A tampered artifact fails its checksums (``ArtifactError``) before anything is judged."""
+    from tempo.models.artifact import verify_artifact
+
+    version = str(verify_artifact(directory)["version"])
+    candidate = ServedModel.load(directory).model
+    holdout = samples_from_records(_true_records(store.recent(max_records)), FeatureSpec())["holdout"]
+    if version == store.active_version():
+        report = RetrainReport("activated", "already the active version", 0, None, version)
+    elif len(holdout) >= min_holdout:
+        report = judge(candidate, holdout, store, settings, tolerance)
+    else:
+        report = RetrainReport("activated", f"not judged: {len(holdout)} held-back completions, fewer than "
+                               f"{min_holdout}", 0, None, store.active_version())
+    report.samples = len(holdout)
+    if report.status != "rejected":
+        report.candidate = publish(store, directory, settings.artifacts_dir, activate)
+        report.status = "activated" if activate else "published"
+    report.finished_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    log.info("publish %s: %s", report.status, report.reason)
+    return report

@@ -24,7 +24,10 @@ from tempo.errors import TempoError
 
 ONLINE_GROUP = "online"
 RETRAIN_GROUP = "retrain"
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+# What "Redis is unavailable" looks like: down or restarting (connection, timeout, still loading), or
+# refusing writes (at ``maxmemory`` with noeviction, a read-only replica): retried or degraded, never fatal.
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError, redis.exceptions.OutOfMemoryError,
+                redis.exceptions.ReadOnlyError, redis.exceptions.ExecAbortError)
 
 _APPEND = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then

@@ -5,6 +5,7 @@ Errors a user can cause (bad arguments, missing or malformed files) print one li
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -36,6 +37,79 @@ app.command("bench")(bench_command)
 from tempo.serving.vllm.server import serve_command  # noqa: E402  (the endpoint lives with the vLLM plug-in)
 
 app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve_command)
+
+
+from tempo.serving.fuzz.cli import fuzz_command  # noqa: E402  (the fuzz of both services lives in serving/fuzz)
+
+app.command("fuzz")(fuzz_command)
+
+
+@app.command("chaos")
+def chaos(
+    faults: Annotated[str, typer.Option(help="Comma-separated faults, in order (default: all): baseline, "
+                                        "estimator-killed, estimator-slow, estimator-malformed, estimator-absurd, "
+                                        "redis-restart, redis-maxmemory, worker-killed, retrain-worse, "
+                                        "artifact-corrupt, serve-restart.")] = "all",
+    hold: Annotated[float, typer.Option(help="Seconds each fault is held before it is healed.")] = 10.0,
+    settle: Annotated[float, typer.Option(help="Seconds of normal service after each recovery.")] = 5.0,
+    rps: Annotated[float, typer.Option(help="Arrivals per second of the steady mixed load.")] = 3.0,
+    model: Annotated[str, typer.Option(help="Model tempo serve runs ('tiny' or a directory).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Random seed of the workload.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report (JSON) here.")] = None,
+    out: Annotated[Path, typer.Option(help="Logs and scratch space.")] = Path("out/chaos"),
+) -> None:
+    """Inject each fault into a running stack (its own Redis, the estimator service, tempo serve) under
+    steady mixed load; print requests sent / answered / failed (4xx, 5xx, aborted, refused), completions
+    expected / recorded / lost / duplicated, and the recovery time per fault. Exit 1 when a completion
+    was lost or duplicated, a client saw a 5xx outside the serve restart, or a fault never recovered."""
+    from tempo.serving.chaos.faults import FAULTS
+    from tempo.serving.chaos.run import ChaosConfig, print_table, run_chaos, verdict
+
+    names = list(FAULTS) if faults == "all" else [f.strip() for f in faults.split(",") if f.strip()]
+    console = make_console()
+    report = run_chaos(ChaosConfig(names, hold, settle, rps, model, seed, out=out), console)
+    print_table(console, report)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1))
+    problems = verdict(report)
+    for problem in problems:
+        console.print(f"[red]{problem}[/]")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command("soak")
+def soak(
+    duration: Annotated[float, typer.Option(help="Seconds of arrivals.", min=1)] = 3600.0,
+    load: Annotated[float, typer.Option(help="Arrival rate as a multiple of the engine's calibrated saturation "
+                                        "(4 = the overload run).", min=0.01)] = 1.0,
+    rps: Annotated[float | None, typer.Option(help="Arrivals per second (overrides --load).")] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between memory samples and per-interval figures.")] = 30.0,
+    model: Annotated[str, typer.Option(help="Model tempo serve runs ('tiny' or a directory).")] = "tiny",
+    policy: Annotated[str, typer.Option(help="Scheduling policy of tempo serve.")] = "tempo",
+    max_in_flight: Annotated[int, typer.Option(help="tempo serve's admission bound: beyond it, 503 at once with "
+                                               "the reason.")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed of the workload.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report (JSON) here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the plot (PNG) here.")] = None,
+    out: Annotated[Path, typer.Option(help="Logs.")] = Path("out/soak"),
+) -> None:
+    """Steady mixed load on the whole stack for --duration seconds (or far past saturation with --load 4):
+    resident memory of tempo serve and the estimator, Redis memory, p99 latency and attainment over time;
+    refusals with their reason and how long clients waited for them."""
+    from tempo.serving.chaos.soak import SoakConfig, run_soak
+    from tempo.serving.chaos.soak import plot as plot_soak
+
+    console = make_console()
+    report = run_soak(SoakConfig(duration, load, rps, interval, model, policy, max_in_flight, seed, out), console)
+    summary = {k: report[k] for k in ("config", "requests", "refusals", "rejections", "admitted", "memory")}
+    console.print_json(json.dumps(summary))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1))
+    if plot is not None:
+        plot_soak(report, plot)
 
 
 @app.command("demo")

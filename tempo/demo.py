@@ -38,33 +38,36 @@ def _machine_key() -> str:
     return f"{platform.machine()}-{os.cpu_count()}-{platform.processor() or 'cpu'}"
 
 
-def _calibration(url: str, workload: list[Any]) -> dict[str, Any]:
+def cached_calibration(url: str, workload: list[Any], model: str = SERVED,
+                       path: Path = CALIBRATION) -> dict[str, Any]:
+    """``calibrate`` on this engine, cached in ``path`` per machine and served model."""
     from tempo.serving.bench.calibrate import calibrate
 
     try:
-        cached = json.loads(CALIBRATION.read_text())
-        if cached.get("machine") == _machine_key() and cached.get("model") == SERVED:
+        cached = json.loads(path.read_text())
+        if cached.get("machine") == _machine_key() and cached.get("model") == model:
             return dict(cached)
     except (OSError, ValueError):
         pass
-    result = calibrate(url, SERVED, workload, burst=16)
-    result.update(machine=_machine_key(), model=SERVED)
-    CALIBRATION.parent.mkdir(parents=True, exist_ok=True)
-    CALIBRATION.write_text(json.dumps(result, indent=1))
+    result = calibrate(url, model, workload, burst=16)
+    result.update(machine=_machine_key(), model=model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
     return result
 
 
-def demo_shape(workload: list[Any]) -> list[Any]:
+def demo_shape(workload: list[Any], compound_prompt: int = COMPOUND_PROMPT, compound_output: int = COMPOUND_OUTPUT,
+               max_prompt_chars: int = MAX_PROMPT_CHARS, answer_cap: int = ANSWER_CAP) -> list[Any]:
     """The workload cut to what this machine serves in a minute (see the constants above)."""
     from tempo.scheduler.slo import SLOClass
 
     shaped = []
     for w in workload:
         if w.slo_class is SLOClass.COMPOUND:
-            shaped.append(w.model_copy(update={"prompt_tokens": min(w.prompt_tokens, COMPOUND_PROMPT),
-                                               "output_tokens": min(w.output_tokens, COMPOUND_OUTPUT)}))
-        elif w.prompt is None or len(w.prompt) <= MAX_PROMPT_CHARS:
-            shaped.append(w.model_copy(update={"output_tokens": min(w.output_tokens, ANSWER_CAP)}))
+            shaped.append(w.model_copy(update={"prompt_tokens": min(w.prompt_tokens, compound_prompt),
+                                               "output_tokens": min(w.output_tokens, compound_output)}))
+        elif w.prompt is None or len(w.prompt) <= max_prompt_chars:
+            shaped.append(w.model_copy(update={"output_tokens": min(w.output_tokens, answer_cap)}))
     return shaped
 
 
@@ -110,7 +113,7 @@ def run_demo(console: Console, duration_s: float = 40.0, load: float = 2.0, seed
                 stage("calibrating SLOs to this engine (cached per machine)")
                 probe = demo_shape(build_workload(WorkloadSpec(rps=2.0, duration_s=120.0, seed=seed + 1,
                                                                arrivals=str(azure_conv_trace_path()))))
-                calibration = _calibration(server.url, probe)
+                calibration = cached_calibration(server.url, probe)
                 slo = calibration["slo"]
                 rps = rps or round(load * calibration["saturation"]["rps"], 3)
                 load = rps / calibration["saturation"]["rps"]

@@ -12,7 +12,7 @@ from tempo.serving.workloads.sources import azure_conv_trace_path
 
 from tempo.cli import main
 
-SUBCOMMANDS = ("workload", "estimator", "profile", "bench", "serve", "demo")
+SUBCOMMANDS = ("workload", "estimator", "profile", "bench", "serve", "fuzz", "chaos", "soak", "demo")
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:

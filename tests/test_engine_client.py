@@ -80,3 +80,30 @@ def test_a_rejected_or_refused_call_stops_its_job() -> None:
     assert "rejK.1.0" not in [rid for _, rid, _ in server.received]
     assert result.rejected >= 1 and result.refused == 1 and result.rejected + result.never_sent == 3
     assert not any(o.finished for o in result.outcomes)
+
+
+def test_the_live_stop_switch_sends_nothing_more_and_lets_requests_in_flight_finish() -> None:
+    import threading
+
+    from tempo.serving.bench.engine_client import LiveReplay
+
+    workload = [make_request(f"r{i}", "deadline", arrival_s=0.05 * i, output_tokens=20) for i in range(200)]
+    live = LiveReplay()
+    config = ReplayConfig("http://fake", "m", transport=httpx.ASGITransport(app=FakeServer()), start_delay_s=0.0,
+                          live=live)
+    threading.Timer(0.3, live.stop.set).start()
+    started = time.monotonic()
+    result = asyncio.run(replay(workload, config))
+    assert time.monotonic() - started < 2.0  # not the 10 s of arrivals
+    sent = [o for o in live.observed.values() if o.sent_s is not None]
+    assert 3 <= len(sent) <= 12 and live.t0 is not None
+    assert all(o.finish_reason == "length" and len(o.token_times_s) == 20 for o in sent)  # none cut short
+    assert result.observed is live.observed
+
+
+def test_forced_lengths_with_text_go_to_the_chat_route_with_ignore_eos() -> None:
+    w = make_request("c", "latency", prompt_tokens=12, output_tokens=5000).model_copy(update={"prompt": "hello"})
+    body = request_body(w, ReplayConfig("u", "m", forced_with_text=True, max_tokens_cap=300))
+    assert body["messages"][0]["content"] == "hello" and body["ignore_eos"] and body["max_tokens"] == 300
+    no_text = request_body(make_request("d", "deadline", output_tokens=7), ReplayConfig("u", "m", forced_with_text=True))
+    assert "prompt" in no_text and no_text["max_tokens"] == 7

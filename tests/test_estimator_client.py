@@ -148,3 +148,35 @@ def test_hot_swap_drops_no_request(service: Service, redis_url: str, tmp_path: P
     stop.set()
     thread.join()
     assert statuses and set(statuses) == {200}
+
+
+def test_a_slow_spell_does_not_leave_the_client_falling_back_for_good(service: Service, tmp_path: Path) -> None:
+    """Calls cut short by their caller's budget fall back at once and are not cancelled in flight (they end
+    under the client's own timeouts); once the service is fast again, bursts of calls get answers. In
+    ``tempo chaos`` the cancelling version fell back for good after the first estimator outage (the
+    in-process service here does not reproduce that; docs/reliability.md has the before and after)."""
+    from tempo.serving.chaos.proxy import FaultProxy
+
+    proxy = FaultProxy(service.url, tmp_path / "proxy.log")
+
+    async def main() -> tuple[int, int]:
+        client = EstimatorClient(proxy.url, timeout_s=0.05)
+        proxy.set("slow", 0.5)
+        slow = 0
+        for _ in range(10):  # bursts of concurrent calls, each given 50 ms
+            answers = await asyncio.gather(*(client.ladders_within([q], None, 0.05) for q in QUERIES[:24]))
+            slow += sum(not a[0].fallback for a in answers)
+        proxy.set("pass")
+        after = 0
+        for _ in range(40):  # the same bursts once the service is fast again
+            answers = await asyncio.gather(*(client.ladders_within([q], None, 0.05) for q in QUERIES[:24]))
+            after += sum(not a[0].fallback for a in answers)
+            await asyncio.sleep(0.02)
+        await client.aclose()
+        return slow, after
+
+    try:
+        slow, after = asyncio.run(main())
+    finally:
+        proxy.close()
+    assert slow == 0 and after > 40, after  # of 960 (each call opening a fresh connection: none)

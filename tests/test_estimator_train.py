@@ -103,7 +103,7 @@ def test_publish_accepts_the_trained_artifact(trained: tuple[Path, dict[str, Any
     out, report, _ = trained
     assert main(["estimator", "publish", str(out), "--redis-url", redis_url,
                  "--artifacts", str(tmp_path / "artifacts")]) == 0
-    assert capsys.readouterr().out.strip() == report["version"]
+    assert json.loads(capsys.readouterr().out)["candidate"] == report["version"]
     verify_artifact(tmp_path / "artifacts" / str(report["version"]))
 
 

@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import random
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -38,11 +39,25 @@ class ReplayConfig:
     model: str  # the served model name
     natural_lengths: bool = False
     max_tokens_cap: int = 2048  # natural lengths: the cap
+    # forced lengths sent with the prompt's text (chat) where the request has one, so that completion
+    # records carry prompt sketches and true lengths (what retraining and its gate learn from)
+    forced_with_text: bool = False
     max_model_len: int = 4096  # forced lengths: prompts are cut so that prompt + output fit the context
     request_timeout_s: float = 3600.0
     start_delay_s: float = 0.5
     stop_at_s: float | None = None  # cancel whatever is still running this long after the start (measurements)
     transport: Any = None  # an httpx transport (tests: an ASGI app standing in for the server)
+    live: LiveReplay | None = None  # another thread's view of a replay in progress, and its stop switch
+
+
+@dataclass
+class LiveReplay:
+    """Shared with the thread that runs a replay: ``t0`` (monotonic seconds, what ``sent_s`` counts from)
+    and ``observed`` fill in as it runs; ``stop`` set: no more requests are sent, those in flight finish."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    t0: float | None = None
+    observed: dict[str, Observed] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,6 +70,9 @@ class Observed:
     finish_reason: str | None = None
     stop_reason: str | None = None
     status: int | None = None  # HTTP status; 503: refused by the front end
+    status_s: float | None = None  # when the status arrived
+    ended_s: float | None = None  # when the answer ended (finished, refused, failed or cut)
+    reason: str | None = None  # a refusal's x-tempo-request-dropped-reason
     error: str | None = None
     text: str = ""
     prompt_tokens: int = 0  # as the server counted them (usage), else as sent
@@ -98,6 +116,10 @@ def request_body(w: WorkloadRequest, config: ReplayConfig) -> dict[str, Any]:
     if config.natural_lengths and w.prompt:
         body["messages"] = [{"role": "user", "content": w.prompt}]
         body["max_tokens"] = config.max_tokens_cap
+    elif config.forced_with_text and w.prompt:  # the workload's length, on the prompt's own text
+        body["messages"] = [{"role": "user", "content": w.prompt}]
+        body["max_tokens"] = max(1, min(w.output_tokens, config.max_tokens_cap))
+        body["ignore_eos"] = True
     else:  # forced (also natural-length runs' calls that carry no text: compound calls have counts only)
         body["prompt"] = synthetic_prompt(w.id, served_prompt_tokens(w, config.max_model_len))
         body["max_tokens"] = max(1, min(w.output_tokens, config.max_model_len - len(body["prompt"]) - 8))
@@ -117,8 +139,11 @@ async def _send(http: httpx.AsyncClient, w: WorkloadRequest, config: ReplayConfi
         async with http.stream("POST", "/v1/chat/completions" if chat else "/v1/completions", json=body,
                                headers={"X-Request-Id": w.id}) as response:
             seen.status = response.status_code
+            seen.status_s = time.monotonic() - t0
             if response.status_code != 200:
+                seen.reason = response.headers.get("x-tempo-request-dropped-reason")
                 seen.error = (await response.aread()).decode(errors="replace")[:300]
+                seen.ended_s = time.monotonic() - t0
                 return seen
             async for line in response.aiter_lines():
                 if not line.startswith("data: {"):
@@ -138,6 +163,7 @@ async def _send(http: httpx.AsyncClient, w: WorkloadRequest, config: ReplayConfi
                     count = total
     except httpx.HTTPError as exc:
         seen.error = f"{type(exc).__name__}: {exc}"[:300]
+    seen.ended_s = time.monotonic() - t0
     return seen
 
 
@@ -150,7 +176,7 @@ async def replay(workload: Sequence[WorkloadRequest], config: ReplayConfig,
     for w in workload:
         for dep in w.depends_on:
             dependents[dep].append(w.id)
-    observed: dict[str, Observed] = {}
+    observed: dict[str, Observed] = {} if config.live is None else config.live.observed
     failed_jobs: set[str] = set()
     released: dict[str, float] = {}
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
@@ -159,12 +185,20 @@ async def replay(workload: Sequence[WorkloadRequest], config: ReplayConfig,
     async with httpx.AsyncClient(base_url=config.url, limits=limits, timeout=timeout,
                                  transport=config.transport) as http:
         t0 = time.monotonic() + config.start_delay_s
+        live = config.live
+        if live is not None:
+            live.t0 = t0
         tasks: set[asyncio.Task[None]] = set()
+        sending: set[asyncio.Task[Any]] = set()
 
         async def run(w: WorkloadRequest, at_s: float) -> None:
             await asyncio.sleep(max(0.0, t0 + at_s - time.monotonic()))
-            if w.job_id is not None and w.job_id in failed_jobs:
+            if (w.job_id is not None and w.job_id in failed_jobs) or (live is not None and live.stop.is_set()):
                 return
+            task = asyncio.current_task()
+            if task is not None:
+                sending.add(task)
+                task.add_done_callback(sending.discard)
             released[w.id] = time.monotonic() - t0
             seen = observed[w.id] = Observed(w.id)
             await _send(http, w, config, t0, seen)
@@ -186,6 +220,15 @@ async def replay(workload: Sequence[WorkloadRequest], config: ReplayConfig,
         for w in workload:
             if not w.depends_on:
                 spawn(w, w.arrival_s)
+        if live is not None:
+            async def stop_sending() -> None:
+                while not live.stop.is_set():
+                    await asyncio.sleep(0.2)
+                for task in list(tasks):
+                    if task not in sending:
+                        task.cancel()
+
+            stop_switch = asyncio.create_task(stop_sending())
         if config.stop_at_s is not None:
             async def stop() -> None:
                 await asyncio.sleep(max(0.0, t0 + config.stop_at_s - time.monotonic()))
@@ -197,6 +240,8 @@ async def replay(workload: Sequence[WorkloadRequest], config: ReplayConfig,
             await asyncio.gather(*list(tasks), return_exceptions=True)
         if config.stop_at_s is not None:
             stopper.cancel()
+        if live is not None:
+            stop_switch.cancel()
     wall = time.perf_counter() - started
     return _result(workload, observed, released, wall, config)
 

@@ -1,6 +1,7 @@
 """The SLO front end: an ASGI middleware in vLLM's OpenAI server (``--middleware ...SLOMiddleware``).
 
-For ``POST /v1/chat/completions`` and ``/v1/completions``, before vLLM's routes:
+Routes outside ``SERVED_PATHS`` (the two below and read-only operations) get a 404. For
+``POST /v1/chat/completions`` and ``/v1/completions``, before vLLM's routes:
 
 1. **overload**: beyond ``max_in_flight`` requests admitted and not yet answered, answer 503 at once with
    the reason (``x-tempo-request-dropped-reason: queue-full``, ``retry-after``), before any work;
@@ -21,7 +22,6 @@ A pure ASGI class (not ``BaseHTTPMiddleware``) so streamed responses pass throug
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -41,6 +41,12 @@ from tempo.serving.vllm.slo_fields import (
 
 log = logging.getLogger("tempo.serving.frontend")
 PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+# everything else vLLM routes is refused with 404: generation routes that would bypass the SLO checks and the
+# overload limit (/invocations, /v1/responses, /v1/messages, /v1/chat/completions/batch, ...) and operations
+# Tempo does not serve (/scale_elastic_ep answers 500, /v1/systemone 501)
+SERVED_PATHS = PATHS | frozenset({"/health", "/ping", "/version", "/load", "/metrics", "/metrics/", "/v1/models",
+                                  "/tokenize", "/detokenize", "/openapi.json", "/docs", "/docs/oauth2-redirect",
+                                  "/redoc"})
 DROPPED_HEADER = b"x-tempo-request-dropped-reason"
 
 Scope = MutableMapping[str, Any]
@@ -135,6 +141,10 @@ class SLOMiddleware:
 
     # -- ASGI ------------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") == "http" and scope.get("path") not in SERVED_PATHS:
+            await _error(send, RequestRefused(404, f"tempo serve does not serve {str(scope.get('path'))[:200]}",
+                                              "NotFoundError"))
+            return
         if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in PATHS:
             await self.app(scope, receive, send)
             return
@@ -221,13 +231,9 @@ class SLOMiddleware:
                            self.config.estimator_model or self.config.served_model, text)
         started = time.perf_counter()
         before = client.fallbacks
-        try:
-            ladders = await asyncio.wait_for(client.ladders([query], [max_tokens]), self.config.estimator_timeout_s)
-            ladder: BoundLadder = ladders[0]
-            fell_back = client.fallbacks != before
-        except TimeoutError:  # the client's own timeout is per phase; this one caps the whole call
-            ladder = self.bounds.ladder(cls, rslo.app, max_tokens, fallback=True)
-            fell_back = True
+        # the client's own timeout is per phase; this caps the whole call (without cancelling it)
+        ladder: BoundLadder = (await client.ladders_within([query], [max_tokens], self.config.estimator_timeout_s))[0]
+        fell_back = client.fallbacks != before
         self.metrics.estimate_seconds.observe(time.perf_counter() - started)
         self.metrics.estimates.labels("fallback" if fell_back else "ok").inc()
         if max_tokens is not None:

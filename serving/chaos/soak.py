@@ -1,0 +1,248 @@
+"""``tempo soak``: the stack under steady mixed load for a long time (or far past saturation), sampled.
+
+It starts the stack (a Redis of its own, the estimator service, ``tempo serve`` with a bounded queue:
+``--max-in-flight``), calibrates SLOs and the saturation rate to this engine (cached per machine), then
+replays a mixed workload at ``load`` x saturation for ``duration`` seconds. A sampler records, every
+``interval``: the resident memory of tempo serve's processes and of the estimator, Redis' used memory,
+and requests in flight. Afterwards, per interval of arrivals: attainment per class, TTFT p99 (chat),
+end-to-end p99 (deadline); refusals (503, with their reason) and policy rejections with the time the
+client waited for them. Memory is "flat" when its slope over the second half is small (say how small).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tempo.errors import TempoError
+
+CALIBRATION = Path(".cache/stack/soak-calibration.json")
+
+
+@dataclass
+class SoakConfig:
+    duration_s: float = 3600.0
+    load: float = 1.0  # x the calibrated saturation rate
+    rps: float | None = None  # overrides load
+    interval_s: float = 30.0
+    model: str = "tiny"
+    policy: str = "tempo"
+    max_in_flight: int = 64
+    seed: int = 0
+    out: Path = Path("out/soak")
+
+    def validate(self) -> None:
+        if self.duration_s <= 0 or self.interval_s <= 0 or self.load <= 0 or (self.rps is not None and self.rps <= 0):
+            raise TempoError("--duration, --interval, --load and --rps must be > 0")
+        if self.max_in_flight < 1:
+            raise TempoError("--max-in-flight must be >= 1")
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (tempo serve's API server and engine core)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += p.memory_info().rss
+    return total / 2**20
+
+
+class Sampler(threading.Thread):
+    def __init__(self, interval_s: float, serve_pid: int, estimator_pid: int, redis_url: str, live: Any) -> None:
+        super().__init__(name="tempo-soak-sampler", daemon=True)
+        import redis
+
+        self.interval_s, self.serve_pid, self.estimator_pid, self.live = interval_s, serve_pid, estimator_pid, live
+        self.redis = redis.Redis.from_url(redis_url, socket_timeout=5)
+        self.samples: list[dict[str, float]] = []
+        self.done = threading.Event()
+
+    def sample(self) -> None:
+        t0 = self.live.t0 or time.monotonic()
+        observed = list(self.live.observed.values())
+        try:
+            redis_mb = int(self.redis.info("memory")["used_memory"]) / 2**20
+        except Exception:  # a sample must not end the soak
+            redis_mb = float("nan")
+        self.samples.append({
+            "t_s": round(time.monotonic() - t0, 1), "serve_rss_mb": round(_rss_mb(self.serve_pid), 1),
+            "estimator_rss_mb": round(_rss_mb(self.estimator_pid), 1), "redis_mb": round(redis_mb, 2),
+            "sent": len(observed), "in_flight": sum(1 for o in observed if o.ended_s is None)})
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval_s):
+            self.sample()
+
+
+def _slope_per_hour(samples: list[dict[str, float]], key: str) -> float | None:
+    """Least-squares slope of ``key`` over the second half of the run, in units per hour."""
+    half = samples[len(samples) // 2:]
+    if len(half) < 3:
+        return None
+    t = np.array([s["t_s"] for s in half]) / 3600
+    y = np.array([s[key] for s in half])
+    return round(float(np.polyfit(t, y, 1)[0]), 2)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.quantile(values, q)), 4) if values else None
+
+
+def per_interval(outcomes: list[Any], interval_s: float) -> list[dict[str, Any]]:
+    """Attainment per class and latency p99s of the requests that arrived in each interval."""
+    from tempo.scheduler.goodput import account
+
+    if not outcomes:
+        return []
+    start = min(o.arrival_s for o in outcomes)
+    buckets: dict[int, list[Any]] = {}
+    for o in outcomes:
+        buckets.setdefault(int((o.arrival_s - start) // interval_s), []).append(o)
+    rows = []
+    for i in sorted(buckets):
+        report = account(buckets[i], duration_s=interval_s).to_dict()
+        pc = report["per_class"]
+        rows.append({"t_s": round((i + 0.5) * interval_s, 1), "requests": len(buckets[i]),
+                     "attainment": {c: r["attainment"] for c, r in pc.items()},
+                     "latency_ttft_p99_s": pc.get("latency", {}).get("ttft_s", {}).get("p99"),
+                     "deadline_e2e_p99_s": pc.get("deadline", {}).get("e2e_s", {}).get("p99"),
+                     "token_goodput": report["token_goodput"]})
+    return rows
+
+
+def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from tempo.scheduler.goodput import account
+    from tempo.serving.bench.engine_client import LiveReplay, ReplayConfig, replay
+    from tempo.serving.chaos.run import chaos_workload
+    from tempo.serving.vllm.launch import ManagedServer
+    from tempo.serving.vllm.server import resolve_model
+    from tempo.serving.vllm.stack import EstimatorService, LocalRedis, Stack, bootstrap_artifact
+
+    from tempo.demo import cached_calibration
+
+    config.validate()
+    served = resolve_model(config.model)[1]
+    logs = config.out / "logs"
+    with Stack() as stack, Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                    console=console, transient=True) as progress:
+        task = progress.add_task("starting the stack", total=None)
+        redis = stack.add(LocalRedis())
+        estimator = stack.add(EstimatorService(redis.url, bootstrap_artifact(), logs / "estimator.log"))
+        server = stack.add(ManagedServer(["--model", config.model, "--policy", config.policy, "--redis-url",
+                                          redis.url, "--estimator-url", estimator.url, "--max-in-flight",
+                                          str(config.max_in_flight)], logs / "serve.log"))
+        server.start()
+        progress.update(task, description="calibrating SLOs and saturation to this engine (cached per machine)")
+        calibration = cached_calibration(server.url, chaos_workload(2.0, 120.0, config.seed + 1), served,
+                                         CALIBRATION.with_name(f"soak-calibration-{served}.json"))
+        slo = calibration["slo"]
+        saturation = float(calibration["saturation"]["rps"])
+        rps = config.rps or round(config.load * saturation, 3)
+        workload = chaos_workload(rps, config.duration_s, config.seed, ttft_s=slo["ttft_s"], tbt_s=slo["tbt_s"],
+                                  deadline_s=slo["deadline_s"], stage_deadline_s=slo["stage_deadline_s"])
+        live = LiveReplay()
+        sampler = Sampler(config.interval_s, server.process.pid, estimator.process.pid, redis.url, live)
+        progress.update(task, description=f"{len(workload)} arrivals at {rps}/s ({rps / saturation:.2f}x saturation)",
+                        total=config.duration_s, completed=0)
+        result: dict[str, Any] = {}
+        loader = threading.Thread(target=lambda: result.update(
+            replay=asyncio.run(replay(workload, ReplayConfig(server.url, served, forced_with_text=True,
+                                                              max_tokens_cap=256, request_timeout_s=600.0,
+                                                              live=live)))), daemon=True)
+        loader.start()
+        while live.t0 is None:
+            time.sleep(0.05)
+        sampler.start()
+        while loader.is_alive():
+            if time.monotonic() - live.t0 > config.duration_s:
+                live.stop.set()  # arrivals are over; late compound stages are not sent
+            progress.update(task, completed=min(config.duration_s, time.monotonic() - live.t0))
+            loader.join(1.0)
+        sampler.done.set()
+        sampler.sample()
+    replayed = result["replay"]
+    observed = list(replayed.observed.values())
+    refused = [o for o in observed if o.status == 503]
+    rejected = [o for o in observed if o.status == 200 and o.finish_reason == "abort"]
+    admitted = [o for o in replayed.outcomes if o.request_id not in {r.request_id for r in refused}]
+    overall = account(admitted).to_dict()
+    samples = sampler.samples
+    return {
+        "config": {"duration_s": config.duration_s, "load": round(rps / saturation, 3), "rps": rps,
+                   "interval_s": config.interval_s, "model": config.model, "policy": config.policy,
+                   "max_in_flight": config.max_in_flight, "seed": config.seed},
+        "calibration": {"slo": slo, "saturation_rps": saturation},
+        "requests": {"sent": len(observed),
+                     "answered": sum(1 for o in observed if o.finish_reason in ("stop", "length")),
+                     "refused": len(refused), "rejected": len(rejected), "never_sent": replayed.never_sent,
+                     "errors": replayed.errors},
+        "refusals": {"reasons": {r: sum(1 for o in refused if o.reason == r) for r in {o.reason for o in refused}},
+                     "wait_ms_p50": _ms(_pct([o.ended_s - o.sent_s for o in refused], 0.5)),
+                     "wait_ms_p99": _ms(_pct([o.ended_s - o.sent_s for o in refused], 0.99)),
+                     "wait_ms_max": _ms(max((o.ended_s - o.sent_s for o in refused), default=None))},
+        "rejections": {"wait_ms_p50": _ms(_pct([o.ended_s - o.sent_s for o in rejected], 0.5)),
+                       "wait_ms_p99": _ms(_pct([o.ended_s - o.sent_s for o in rejected], 0.99))},
+        "admitted": {"attainment": {c: r["attainment"] for c, r in overall["per_class"].items()},
+                     "token_goodput": overall["token_goodput"], "request_goodput": overall["request_goodput"]},
+        "memory": {k: {"first": samples[0][k] if samples else None, "last": samples[-1][k] if samples else None,
+                       "max": max((s[k] for s in samples), default=None), "slope_per_hour": _slope_per_hour(samples, k)}
+                   for k in ("serve_rss_mb", "estimator_rss_mb", "redis_mb")},
+        "samples": samples,
+        "intervals": per_interval(replayed.outcomes, config.interval_s),
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 1)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples, intervals = report["samples"], report["intervals"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    t = [s["t_s"] / 60 for s in samples]
+    axes[0][0].plot(t, [s["serve_rss_mb"] for s in samples], label="tempo serve (all processes)")
+    axes[0][0].plot(t, [s["estimator_rss_mb"] for s in samples], label="estimator service")
+    axes[0][0].set_ylabel("resident memory (MiB)")
+    axes[0][0].legend()
+    axes[0][1].plot(t, [s["redis_mb"] for s in samples], color="#d62728")
+    axes[0][1].set_ylabel("Redis used memory (MiB)")
+    ti = [r["t_s"] / 60 for r in intervals]
+    axes[1][0].plot(ti, [r["latency_ttft_p99_s"] for r in intervals], label="chat TTFT p99")
+    axes[1][0].plot(ti, [r["deadline_e2e_p99_s"] for r in intervals], label="deadline E2E p99")
+    axes[1][0].set_ylabel("seconds")
+    axes[1][0].set_yscale("log")
+    axes[1][0].legend()
+    for cls in ("latency", "deadline", "compound"):
+        axes[1][1].plot(ti, [r["attainment"].get(cls) for r in intervals], label=cls)
+    axes[1][1].set_ylabel("SLO attainment (admitted, by arrival)")
+    axes[1][1].set_ylim(0, 1.05)
+    axes[1][1].legend()
+    for ax in axes[1]:
+        ax.set_xlabel("minutes")
+    c = report["config"]
+    fig.suptitle(f"tempo soak: {c['duration_s'] / 60:.0f} min at {c['load']:g}x saturation ({c['rps']} arrivals/s), "
+                 f"{c['policy']} on {c['model']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
