@@ -14,6 +14,7 @@ pytestmark = pytest.mark.vllm
 
 
 def test_a_short_fault_matrix_loses_nothing_and_recovers(tmp_path: Path) -> None:
+    pytest.importorskip("vllm")
     faults = ["estimator-killed", "redis-restart", "worker-killed", "serve-restart"]
     report = run_chaos(ChaosConfig(faults, hold_s=4.0, settle_s=2.0, rps=3.0, recovery_timeout_s=120.0,
                                    out=tmp_path), Console(width=120))

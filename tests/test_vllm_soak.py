@@ -14,6 +14,7 @@ pytestmark = pytest.mark.vllm
 
 
 def test_two_minutes_past_saturation_refuses_at_once_and_keeps_memory_bounded(tmp_path: Path) -> None:
+    pytest.importorskip("vllm")
     report = run_soak(SoakConfig(duration_s=120.0, load=2.0, interval_s=10.0, max_in_flight=16, out=tmp_path),
                       Console(width=120))
     requests = report["requests"]

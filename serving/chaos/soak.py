@@ -4,8 +4,8 @@ It starts the stack (a Redis of its own, the estimator service, ``tempo serve`` 
 ``--max-in-flight``), calibrates SLOs and the saturation rate to this engine (cached per machine), then
 replays a mixed workload at ``load`` x saturation for ``duration`` seconds. A sampler records, every
 ``interval``: the resident memory of tempo serve's processes and of the estimator, Redis' used memory,
-and requests in flight. Afterwards, per interval of arrivals: attainment per class, TTFT p99 (chat),
-end-to-end p99 (deadline); refusals (503, with their reason) and policy rejections with the time the
+and requests in flight. Afterwards, per interval of arrivals (refused ones included): attainment per
+class, TTFT p99 (chat), end-to-end p99 (deadline); refusals (503, with their reason) and policy rejections with the time the
 client waited for them. Memory is "flat" when its slope over the second half is small (say how small).
 """
 
@@ -234,7 +234,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes[1][0].legend()
     for cls in ("latency", "deadline", "compound"):
         axes[1][1].plot(ti, [r["attainment"].get(cls) for r in intervals], label=cls)
-    axes[1][1].set_ylabel("SLO attainment (admitted, by arrival)")
+    axes[1][1].set_ylabel("SLO attainment (all sent, by arrival)")
     axes[1][1].set_ylim(0, 1.05)
     axes[1][1].legend()
     for ax in axes[1]:
