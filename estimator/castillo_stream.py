@@ -86,6 +86,7 @@ def small_artifact(model: str = DEFAULT_MODEL, n_rows: int = 1500, n_estimators:
     texts = prompts()
     fit = samples_from_rows(splits["fit"][:n_rows], texts)
     cal = samples_from_rows(splits["calibration"][: max(n_rows // 3, 300)], texts)
-    bound_model = LengthBoundModel(quantile=quantile, model_params={"n_estimators": n_estimators}).fit(fit).calibrate(cal)
+    bound_model = LengthBoundModel(quantile=quantile, model_params={"n_estimators": n_estimators})
+    bound_model.fit(fit).calibrate(cal)
     save_artifact(bound_model, directory, data_summary={"model": model, "rows": n_rows})
     return directory

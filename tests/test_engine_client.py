@@ -105,5 +105,6 @@ def test_forced_lengths_with_text_go_to_the_chat_route_with_ignore_eos() -> None
     w = make_request("c", "latency", prompt_tokens=12, output_tokens=5000).model_copy(update={"prompt": "hello"})
     body = request_body(w, ReplayConfig("u", "m", forced_with_text=True, max_tokens_cap=300))
     assert body["messages"][0]["content"] == "hello" and body["ignore_eos"] and body["max_tokens"] == 300
-    no_text = request_body(make_request("d", "deadline", output_tokens=7), ReplayConfig("u", "m", forced_with_text=True))
+    no_text = request_body(make_request("d", "deadline", output_tokens=7),
+                           ReplayConfig("u", "m", forced_with_text=True))
     assert "prompt" in no_text and no_text["max_tokens"] == 7

@@ -5,8 +5,9 @@ It starts the stack (a Redis of its own, the estimator service, ``tempo serve`` 
 replays a mixed workload at ``load`` x saturation for ``duration`` seconds. A sampler records, every
 ``interval``: the resident memory of tempo serve's processes and of the estimator, Redis' used memory,
 and requests in flight. Afterwards, per interval of arrivals (refused ones included): attainment per
-class, TTFT p99 (chat), end-to-end p99 (deadline); refusals (503, with their reason) and policy rejections with the time the
-client waited for them. Memory is "flat" when its slope over the second half is small (say how small).
+class, TTFT p99 (chat), end-to-end p99 (deadline); refusals (503, with their reason) and policy
+rejections with the time the client waited for them. Memory is summed up by its first and last
+samples and its slope over the second half (per hour).
 """
 
 from __future__ import annotations
