@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from tempo.estimator.retention import DEDUPE_TTL_S, STREAM_MAXLEN
 
 
 class Settings(BaseSettings):
@@ -19,8 +20,8 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(default=0.5, gt=0)  # socket timeout: a dead Redis must not stall a request
     key_prefix: str = "tempo"
     stream: str = "tempo:completions"
-    stream_maxlen: int = Field(default=200_000, ge=1000)  # approximate trim of the stream (~5 KB a record)
-    dedupe_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)  # a request id is recorded once within this window
+    stream_maxlen: int = Field(default=STREAM_MAXLEN, ge=1000)  # approximate trim of the stream (~2 KB a record)
+    dedupe_ttl_s: int = Field(default=DEDUPE_TTL_S, ge=60)  # a request id is recorded once within this window
     store_prompt_text: bool = False  # completion records keep the hashed sketch; the text only when True
     artifacts_dir: Path = Path("artifacts")
     admin_token: SecretStr | None = None  # admin endpoints answer 403 while unset

@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 import redis
+from tempo.estimator.retention import DEDUPE_TTL_S, STREAM_MAXLEN
 
 from tempo.errors import TempoError
 
@@ -81,7 +82,7 @@ class Store:
     """Thin, synchronous access to everything the estimator keeps in Redis (short socket timeouts)."""
 
     def __init__(self, url: str, prefix: str = "tempo", stream: str = "tempo:completions",
-                 timeout_s: float = 0.5, stream_maxlen: int = 200_000, dedupe_ttl_s: int = 7 * 24 * 3600) -> None:
+                 timeout_s: float = 0.5, stream_maxlen: int = STREAM_MAXLEN, dedupe_ttl_s: int = DEDUPE_TTL_S) -> None:
         self.redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                           health_check_interval=5)
         self.prefix = prefix

@@ -90,6 +90,12 @@ def soak(
     policy: Annotated[str, typer.Option(help="Scheduling policy of tempo serve.")] = "tempo",
     max_in_flight: Annotated[int, typer.Option(help="tempo serve's admission bound: beyond it, 503 at once with "
                                                "the reason.")] = 64,
+    kv_cache_gib: Annotated[int, typer.Option(help="tempo serve's KV cache (GiB): it becomes resident as blocks "
+                                              "are first used, so RSS climbs until all of it is.", min=1)] = 4,
+    stream_maxlen: Annotated[int | None, typer.Option(help="Completion records Redis keeps (default 200,000: "
+                                                      "set lower to see the bound within a short run).")] = None,
+    dedupe_ttl: Annotated[int | None, typer.Option(help="Seconds a request id's dedupe key lives in Redis "
+                                                   "(default one day).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the workload.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report (JSON) here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the plot (PNG) here.")] = None,
@@ -102,8 +108,11 @@ def soak(
     from tempo.serving.chaos.soak import plot as plot_soak
 
     console = make_console()
-    report = run_soak(SoakConfig(duration, load, rps, interval, model, policy, max_in_flight, seed, out), console)
-    summary = {k: report[k] for k in ("config", "requests", "refusals", "rejections", "admitted", "memory")}
+    config = SoakConfig(duration, load, rps, interval, model, policy, max_in_flight, kv_cache_gib, stream_maxlen,
+                        dedupe_ttl, seed, out)
+    report = run_soak(config, console)
+    summary = {k: report[k] for k in ("config", "requests", "refusals", "load_generator", "rejections", "admitted",
+                                      "memory")}
     console.print_json(json.dumps(summary))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

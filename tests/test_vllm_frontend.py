@@ -161,3 +161,29 @@ def test_the_estimator_never_holds_serving_back(stub: StubEstimator, mode: str) 
             assert ladder.fallback  # the local empirical ladder, flagged
 
     run(go())
+
+
+def test_calls_of_admitted_jobs_get_the_reserve_and_a_refused_job_is_dropped_whole() -> None:
+    def compound(job: str, stage: int) -> dict[str, Any]:
+        return chat(vllm_xargs={"slo_class": "compound", "job_id": job, "stage": stage, "job_deadline_s": 60})
+
+    async def go() -> None:
+        http, down, middleware = client(ServeConfig(max_in_flight=4, job_reserve=0.5))
+        down.release = asyncio.Event()
+        async with http:
+            held = [asyncio.create_task(http.post(CHAT, json=body)) for body in (compound("a", 0), chat())]
+            while middleware.in_flight < 2:
+                await asyncio.sleep(0.01)
+            refused = await http.post(CHAT, json=chat())  # 2 of 4 in flight: the rest is the jobs' reserve
+            assert refused.status_code == 503 and refused.headers["x-tempo-request-dropped-reason"] == "queue-full"
+            assert (await http.post(CHAT, json=compound("b", 0))).status_code == 503  # a new job: no reserve
+            held.append(asyncio.create_task(http.post(CHAT, json=compound("a", 1))))  # job a: admitted
+            while middleware.in_flight < 3:
+                await asyncio.sleep(0.01)
+            down.release.set()
+            assert [t.status_code for t in await asyncio.gather(*held)] == [200, 200, 200]
+            dropped = await http.post(CHAT, json=compound("b", 1))  # b lost a call: the whole job is refused
+            assert dropped.status_code == 503 and dropped.headers["x-tempo-request-dropped-reason"] == "job-dropped"
+            assert "dropped" in dropped.json()["error"]["message"]
+
+    run(go())

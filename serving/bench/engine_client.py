@@ -76,6 +76,7 @@ class Observed:
     error: str | None = None
     text: str = ""
     prompt_tokens: int = 0  # as the server counted them (usage), else as sent
+    late_s: float | None = None  # how late the client's loop sent it (after its arrival or its stage's release)
 
 
 @dataclass
@@ -200,7 +201,7 @@ async def replay(workload: Sequence[WorkloadRequest], config: ReplayConfig,
                 sending.add(task)
                 task.add_done_callback(sending.discard)
             released[w.id] = time.monotonic() - t0
-            seen = observed[w.id] = Observed(w.id)
+            seen = observed[w.id] = Observed(w.id, late_s=released[w.id] - at_s)
             await _send(http, w, config, t0, seen)
             if progress is not None:
                 progress()

@@ -6,7 +6,8 @@ replays a mixed workload at ``load`` x saturation for ``duration`` seconds. A sa
 ``interval``: the resident memory of tempo serve's processes and of the estimator, Redis' used memory,
 and requests in flight. Afterwards, per interval of arrivals (refused ones included): attainment per
 class, TTFT p99 (chat), end-to-end p99 (deadline); refusals (503, with their reason) and policy
-rejections with the time the client waited for them. Memory is summed up by its first and last
+rejections with the time the client waited for them, as the load generator saw it and as an idle probe
+in its own process saw it (``probe``). Memory is summed up by its first and last
 samples and its slope over the second half (per hour).
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -21,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tempo.serving.chaos.probe import summary as probe_summary
 
 from tempo.errors import TempoError
 
+PROBE_INTERVAL_S = 0.2
 CALIBRATION = Path(".cache/stack/soak-calibration.json")
 
 
@@ -36,6 +41,11 @@ class SoakConfig:
     model: str = "tiny"
     policy: str = "tempo"
     max_in_flight: int = 64
+    # the engine's KV cache becomes resident page by page as blocks are first used, so tempo serve's RSS
+    # climbs until all of it is touched: a smaller cache reaches that bound sooner
+    kv_cache_gib: int = 4
+    stream_maxlen: int | None = None  # Redis retention (None: the defaults of tempo serve and the service)
+    dedupe_ttl_s: int | None = None
     seed: int = 0
     out: Path = Path("out/soak")
 
@@ -46,20 +56,23 @@ class SoakConfig:
             raise TempoError("--max-in-flight must be >= 1")
 
 
-def _rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (tempo serve's API server and engine core)."""
+def _rss_mb(pid: int) -> dict[str, float]:
+    """Resident memory (MiB) of a process and each of its descendants by name (tempo serve's API server and
+    engine core), and their ``total``."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
+        return {"total": 0.0}
+    out: dict[str, float] = {}
     for p in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
-            total += p.memory_info().rss
-    return total / 2**20
+            name = p.name()
+            out[name] = round(out.get(name, 0.0) + p.memory_info().rss / 2**20, 1)
+    out["total"] = round(sum(out.values()), 1)
+    return out
 
 
 class Sampler(threading.Thread):
@@ -79,9 +92,10 @@ class Sampler(threading.Thread):
             redis_mb = int(self.redis.info("memory")["used_memory"]) / 2**20
         except Exception:  # a sample must not end the soak
             redis_mb = float("nan")
+        serve = _rss_mb(self.serve_pid)
         self.samples.append({
-            "t_s": round(time.monotonic() - t0, 1), "serve_rss_mb": round(_rss_mb(self.serve_pid), 1),
-            "estimator_rss_mb": round(_rss_mb(self.estimator_pid), 1), "redis_mb": round(redis_mb, 2),
+            "t_s": round(time.monotonic() - t0, 1), "serve_rss_mb": serve.pop("total"), "serve_rss_by_process": serve,
+            "estimator_rss_mb": _rss_mb(self.estimator_pid)["total"], "redis_mb": round(redis_mb, 2),
             "sent": len(observed), "in_flight": sum(1 for o in observed if o.ended_s is None)})
 
     def run(self) -> None:
@@ -91,12 +105,23 @@ class Sampler(threading.Thread):
 
 def _slope_per_hour(samples: list[dict[str, float]], key: str) -> float | None:
     """Least-squares slope of ``key`` over the second half of the run, in units per hour."""
-    half = samples[len(samples) // 2:]
+    half = [s for s in samples[len(samples) // 2:] if s.get(key) is not None]
     if len(half) < 3:
         return None
     t = np.array([s["t_s"] for s in half]) / 3600
     y = np.array([s[key] for s in half])
     return round(float(np.polyfit(t, y, 1)[0]), 2)
+
+
+def memory_summary(samples: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """First, last, max and second-half slope (per hour) of each memory series, tempo serve's processes
+    (API server, engine core, model worker) each on its own (``serve:<name>``)."""
+    rows = [{**s, **{f"serve:{n}": v for n, v in s.get("serve_rss_by_process", {}).items()}} for s in samples]
+    keys = ["serve_rss_mb", *sorted({k for r in rows for k in r if k.startswith("serve:")}), "estimator_rss_mb",
+            "redis_mb"]
+    return {k: {"first": rows[0].get(k) if rows else None, "last": rows[-1].get(k) if rows else None,
+                "max": max((r[k] for r in rows if r.get(k) is not None), default=None),
+                "slope_per_hour": _slope_per_hour(rows, k)} for k in keys}
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -143,10 +168,17 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
                                     console=console, transient=True) as progress:
         task = progress.add_task("starting the stack", total=None)
         redis = stack.add(LocalRedis())
-        estimator = stack.add(EstimatorService(redis.url, bootstrap_artifact(), logs / "estimator.log"))
+        # the same retention for both writers of the stream: tempo serve's options, the service's settings
+        retention = [(option, env, value) for option, env, value in (
+            ("--stream-maxlen", "TEMPO_STREAM_MAXLEN", config.stream_maxlen),
+            ("--dedupe-ttl", "TEMPO_DEDUPE_TTL_S", config.dedupe_ttl_s)) if value is not None]
+        estimator = stack.add(EstimatorService(redis.url, bootstrap_artifact(), logs / "estimator.log",
+                                               env={env: str(value) for _, env, value in retention}))
         server = stack.add(ManagedServer(["--model", config.model, "--policy", config.policy, "--redis-url",
                                           redis.url, "--estimator-url", estimator.url, "--max-in-flight",
-                                          str(config.max_in_flight)], logs / "serve.log"))
+                                          str(config.max_in_flight), "--kv-cache-gib", str(config.kv_cache_gib),
+                                          *[a for option, _, value in retention for a in (option, str(value))]],
+                                         logs / "serve.log"))
         server.start()
         progress.update(task, description="calibrating SLOs and saturation to this engine (cached per machine)")
         calibration = cached_calibration(server.url, chaos_workload(2.0, 120.0, config.seed + 1), served,
@@ -158,6 +190,10 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
                                   deadline_s=slo["deadline_s"], stage_deadline_s=slo["stage_deadline_s"])
         live = LiveReplay()
         sampler = Sampler(config.interval_s, server.process.pid, estimator.process.pid, redis.url, live)
+        probe_log = config.out / "probe.jsonl"
+        probe_log.unlink(missing_ok=True)
+        prober = subprocess.Popen([sys.executable, "-m", "tempo.serving.chaos.probe", server.url, served,
+                                   str(probe_log), str(PROBE_INTERVAL_S)], start_new_session=True)
         progress.update(task, description=f"{len(workload)} arrivals at {rps}/s ({rps / saturation:.2f}x saturation)",
                         total=config.duration_s, completed=0)
         result: dict[str, Any] = {}
@@ -176,17 +212,21 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
             loader.join(1.0)
         sampler.done.set()
         sampler.sample()
+        prober.terminate()
+        prober.wait(40)
     replayed = result["replay"]
     observed = list(replayed.observed.values())
     refused = [o for o in observed if o.status == 503]
     rejected = [o for o in observed if o.status == 200 and o.finish_reason == "abort"]
-    admitted = [o for o in replayed.outcomes if o.request_id not in {r.request_id for r in refused}]
+    admitted = admitted_work(replayed.outcomes, set(replayed.observed), {r.request_id for r in refused})
     overall = account(admitted).to_dict()
     samples = sampler.samples
     return {
         "config": {"duration_s": config.duration_s, "load": round(rps / saturation, 3), "rps": rps,
                    "interval_s": config.interval_s, "model": config.model, "policy": config.policy,
-                   "max_in_flight": config.max_in_flight, "seed": config.seed},
+                   "max_in_flight": config.max_in_flight, "kv_cache_gib": config.kv_cache_gib,
+                   "stream_maxlen": config.stream_maxlen,
+                   "dedupe_ttl_s": config.dedupe_ttl_s, "seed": config.seed},
         "calibration": {"slo": slo, "saturation_rps": saturation},
         "requests": {"sent": len(observed),
                      "answered": sum(1 for o in observed if o.finish_reason in ("stop", "length")),
@@ -195,17 +235,30 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
         "refusals": {"reasons": {r: sum(1 for o in refused if o.reason == r) for r in {o.reason for o in refused}},
                      "wait_ms_p50": _ms(_pct([o.ended_s - o.sent_s for o in refused], 0.5)),
                      "wait_ms_p99": _ms(_pct([o.ended_s - o.sent_s for o in refused], 0.99)),
-                     "wait_ms_max": _ms(max((o.ended_s - o.sent_s for o in refused), default=None))},
+                     "wait_ms_max": _ms(max((o.ended_s - o.sent_s for o in refused), default=None)),
+                     # the same, seen by an idle client in its own process (the load generator's loop is busy)
+                     "probe": probe_summary(probe_log)},
+        # the load generator's own lag (its loop also streams every admitted answer): a compound job's later
+        # stages are released late by it, which the job's deadline pays
+        "load_generator": {"late_ms_p50": _ms(_pct([o.late_s for o in observed if o.late_s is not None], 0.5)),
+                           "late_ms_p99": _ms(_pct([o.late_s for o in observed if o.late_s is not None], 0.99))},
         "rejections": {"wait_ms_p50": _ms(_pct([o.ended_s - o.sent_s for o in rejected], 0.5)),
                        "wait_ms_p99": _ms(_pct([o.ended_s - o.sent_s for o in rejected], 0.99))},
         "admitted": {"attainment": {c: r["attainment"] for c, r in overall["per_class"].items()},
                      "token_goodput": overall["token_goodput"], "request_goodput": overall["request_goodput"]},
-        "memory": {k: {"first": samples[0][k] if samples else None, "last": samples[-1][k] if samples else None,
-                       "max": max((s[k] for s in samples), default=None), "slope_per_hour": _slope_per_hour(samples, k)}
-                   for k in ("serve_rss_mb", "estimator_rss_mb", "redis_mb")},
+        "memory": memory_summary(samples),
         "samples": samples,
         "intervals": per_interval(replayed.outcomes, config.interval_s),
     }
+
+
+def admitted_work(outcomes: list[Any], sent: set[str], refused: set[str]) -> list[Any]:
+    """The outcomes of admitted work: requests sent and not refused, and every call of a job with at least
+    one call admitted (a call refused later, or never sent because of one, makes that job a miss). A job
+    refused at its first stage was never admitted, though its later calls, never sent, are outcomes too."""
+    got_in = sent - refused
+    admitted_jobs = {o.job_id for o in outcomes if o.job_id is not None and o.request_id in got_in}
+    return [o for o in outcomes if (o.job_id in admitted_jobs if o.job_id is not None else o.request_id in got_in)]
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -222,6 +275,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
     t = [s["t_s"] / 60 for s in samples]
     axes[0][0].plot(t, [s["serve_rss_mb"] for s in samples], label="tempo serve (all processes)")
+    names = sorted({n for s in samples for n in s.get("serve_rss_by_process", {})})
+    for name in names:
+        axes[0][0].plot(t, [s.get("serve_rss_by_process", {}).get(name) for s in samples], ":",
+                        label=f"  {name}")
     axes[0][0].plot(t, [s["estimator_rss_mb"] for s in samples], label="estimator service")
     axes[0][0].set_ylabel("resident memory (MiB)")
     axes[0][0].legend()

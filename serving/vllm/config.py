@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tempo.estimator.retention import DEDUPE_TTL_S, STREAM_MAXLEN
 from tempo.scheduler.slo import DEFAULT_DEADLINE_S, DEFAULT_TBT_S, DEFAULT_TTFT_S, SLOClass
 from tempo.serving.vllm.slo_fields import SLODefaults
 
@@ -51,6 +52,7 @@ class ServeConfig(BaseModel):
 
     # overload and input limits (front end)
     max_in_flight: int = Field(1024, ge=1)  # requests admitted and not yet answered; beyond: 503 at once
+    job_reserve: float = Field(0.25, ge=0, lt=1)  # share of max_in_flight only calls of admitted jobs may use
     max_body_bytes: int = Field(4 << 20, ge=1024)
     max_prompt_chars: int = Field(200_000, ge=1)
 
@@ -58,6 +60,8 @@ class ServeConfig(BaseModel):
     served_model: str = "default"  # the model name completion records carry
     redis_url: str | None = None  # None: records are not written (metrics still count them)
     stream: str = "tempo:completions"
+    stream_maxlen: int = Field(STREAM_MAXLEN, ge=1000)  # records the stream keeps (approximate trim)
+    dedupe_ttl_s: int = Field(DEDUPE_TTL_S, ge=60)  # a request id is recorded once within this window
     key_prefix: str = "tempo"
     store_prompt_text: bool = False
     record_buffer: int = Field(100_000, ge=1)  # records held while Redis is down

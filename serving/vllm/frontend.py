@@ -4,7 +4,9 @@ Routes outside ``SERVED_PATHS`` (the two below and read-only operations) get a 4
 ``POST /v1/chat/completions`` and ``/v1/completions``, before vLLM's routes:
 
 1. **overload**: beyond ``max_in_flight`` requests admitted and not yet answered, answer 503 at once with
-   the reason (``x-tempo-request-dropped-reason: queue-full``, ``retry-after``), before any work;
+   the reason (``x-tempo-request-dropped-reason: queue-full``, ``retry-after``), before any work; a share
+   of the slots (``job_reserve``) is kept for calls of compound jobs already admitted, and a job is
+   refused whole (``job-dropped``), not call by call (``admission``);
 2. **limits**: a body over ``max_body_bytes`` is refused with 413, a prompt over ``max_prompt_chars`` with
    400, before anything is parsed or estimated;
 3. **SLO fields**: ``vllm_xargs`` and the llm-d headers are validated (``slo_fields``); a bad one is a 400
@@ -29,6 +31,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from tempo.scheduler.bounds import BoundLadder, BoundQuery
+from tempo.scheduler.slo import SLOClass
+from tempo.serving.vllm.admission import QUEUE_FULL, JobAdmission
 from tempo.serving.vllm.config import ServeConfig
 from tempo.serving.vllm.slo_fields import (
     PROMPT_CHARS_KEY,
@@ -106,6 +110,8 @@ class SLOMiddleware:
         self.config = config or ServeConfig.from_env()
         self.defaults = self.config.slo_defaults()
         self.in_flight = 0
+        self.admission = JobAdmission(self.config.max_in_flight,
+                                      int(self.config.max_in_flight * self.config.job_reserve))
         self._bounds: Any = None
         self._client: Any = None
         self._metrics: Any = None
@@ -149,11 +155,7 @@ class SLOMiddleware:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.config.max_in_flight:
-            self.metrics.refused.labels("queue-full").inc()
-            await _error(send, RequestRefused(
-                503, f"tempo: overloaded: {self.in_flight} requests in flight (limit {self.config.max_in_flight}); "
-                "retry later", "ServiceUnavailableError",
-                headers=((DROPPED_HEADER, b"queue-full"), (b"retry-after", b"1"))))
+            await _error(send, self._overloaded(QUEUE_FULL))
             return
         self.in_flight += 1
         try:
@@ -172,6 +174,13 @@ class SLOMiddleware:
             await self.app(scope, _replay(new_body, receive), send)
         finally:
             self.in_flight -= 1
+
+    def _overloaded(self, reason: str) -> RequestRefused:
+        self.metrics.refused.labels(reason).inc()
+        message = (f"tempo: overloaded: {self.in_flight} requests in flight (limit {self.config.max_in_flight})"
+                   if reason == QUEUE_FULL else "tempo: a call of this job was refused earlier: the job is dropped")
+        return RequestRefused(503, f"{message}; retry later", "ServiceUnavailableError",
+                              headers=((DROPPED_HEADER, reason.encode()), (b"retry-after", b"1")))
 
     async def _read_body(self, receive: Receive) -> bytes:
         limit, chunks, size = self.config.max_body_bytes, [], 0
@@ -204,6 +213,11 @@ class SLOMiddleware:
         except SLOFieldError as exc:
             self.metrics.bad_requests.inc()
             raise RequestRefused(400, str(exc), "BadRequestError", exc.param) from None
+        # this request is counted in in_flight while it is prepared
+        refused = self.admission.decide(rslo.job_id if rslo.slo.slo_class is SLOClass.COMPOUND else None,
+                                        max(0, self.in_flight - 1))
+        if refused is not None:
+            raise self._overloaded(refused)
         text, prompt_tokens = prompt_of(data, path)
         if text is not None and len(text) > self.config.max_prompt_chars:
             self.metrics.refused.labels("prompt-too-long").inc()

@@ -152,7 +152,8 @@ class TempoSchedulerMixin:
         if config.redis_url:
             from tempo.estimator.store import Store
 
-            store = Store(config.redis_url, config.key_prefix, config.stream, timeout_s=0.5)
+            store = Store(config.redis_url, config.key_prefix, config.stream, timeout_s=0.5,
+                          stream_maxlen=config.stream_maxlen, dedupe_ttl_s=config.dedupe_ttl_s)
         self.tempo_writer = CompletionWriter(
             store, config.record_buffer, Path(config.spill_path) if config.spill_path else None,
             config.store_prompt_text, on_record=self.tempo_metrics.observe_record)

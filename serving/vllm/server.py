@@ -96,6 +96,8 @@ def serve_command(
     default_job_deadline: Annotated[float | None, typer.Option(help="Default compound job deadline, seconds.")] = None,
     max_in_flight: Annotated[int | None, typer.Option(help="Requests admitted and not yet answered; beyond, "
                                                       "503 at once with the reason.")] = None,
+    job_reserve: Annotated[float | None, typer.Option(help="Share of --max-in-flight kept for later calls of "
+                                                      "compound jobs already admitted (default 0.25).")] = None,
     bounds: Annotated[str | None, typer.Option(help="Local ladders: 'empirical' (per class and app) or "
                                                "'fixed'.")] = None,
     quantile: Annotated[float | None, typer.Option(help="Quantile of the length bounds.")] = None,
@@ -105,6 +107,10 @@ def serve_command(
     kv_cache_gib: Annotated[int, typer.Option(help="CPU builds: KV cache size (VLLM_CPU_KVCACHE_SPACE), "
                                               "unless already set.")] = 4,
     store_prompt_text: Annotated[bool, typer.Option(help="Keep prompt text in completion records.")] = False,
+    stream_maxlen: Annotated[int | None, typer.Option(help="Completion records the Redis stream keeps (older "
+                                                      "ones are trimmed; default 200,000).")] = None,
+    dedupe_ttl: Annotated[int | None, typer.Option(help="Seconds a request id stays recorded against duplicates "
+                                                   "(one small Redis key per record; default one day).")] = None,
 ) -> None:
     """Serve an OpenAI-compatible endpoint on vLLM with the Tempo scheduler. Arguments after '--' go to vLLM.
 
@@ -126,9 +132,9 @@ def serve_command(
         policy=spec.name, policy_params=dict(spec.params), estimator_url=estimator_url,
         estimator_timeout_s=estimator_timeout, redis_url=redis_url, default_slo_class=default_slo_class,
         default_ttft_s=default_ttft, default_tbt_s=default_tbt, default_deadline_s=default_deadline,
-        default_job_deadline_s=default_job_deadline, max_in_flight=max_in_flight, local_bounds=bounds,
-        quantile=quantile, profile=profile, step_slots=step_slots, served_model=served_name,
-        store_prompt_text=store_prompt_text)
+        default_job_deadline_s=default_job_deadline, max_in_flight=max_in_flight, job_reserve=job_reserve,
+        local_bounds=bounds, quantile=quantile, profile=profile, step_slots=step_slots, served_model=served_name,
+        store_prompt_text=store_prompt_text, stream_maxlen=stream_maxlen, dedupe_ttl_s=dedupe_ttl)
     raise typer.Exit(run_vllm(vllm_command(model_path, served_name, host, port, extra), config, kv_cache_gib))
 
 

@@ -108,7 +108,8 @@ class EstimatorService:
     """``tempo estimator serve`` in a child process, with ``artifact`` published and active. ``kill()`` and
     ``start()`` (same port, same artifacts, optional extra environment) restart it: fault injection."""
 
-    def __init__(self, redis_url: str, artifact: Path | None, log: Path, admin_token: str = "demo") -> None:
+    def __init__(self, redis_url: str, artifact: Path | None, log: Path, admin_token: str = "demo",
+                 env: dict[str, str] | None = None) -> None:
         from tempo.estimator.retrain import publish
         from tempo.estimator.store import Store
 
@@ -121,7 +122,7 @@ class EstimatorService:
             publish(store, artifact, self.artifacts)
             store.close()
         self.env = {**os.environ, "TEMPO_REDIS_URL": redis_url, "TEMPO_ARTIFACTS_DIR": str(self.artifacts),
-                    "TEMPO_ADMIN_TOKEN": admin_token}
+                    "TEMPO_ADMIN_TOKEN": admin_token, **(env or {})}
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_bytes(b"")
         self.start()
