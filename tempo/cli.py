@@ -14,6 +14,7 @@ import typer
 
 from tempo.errors import TempoError
 from tempo.estimator.cli import estimator_app
+from tempo.estimator.retention import DEDUPE_TTL_S, STREAM_MAXLEN
 from tempo.serving.profiles.cli import profile_app
 from tempo.serving.workloads.cli import make_console, workload_app
 
@@ -92,10 +93,10 @@ def soak(
                                                "the reason.")] = 64,
     kv_cache_gib: Annotated[int, typer.Option(help="tempo serve's KV cache (GiB): it becomes resident as blocks "
                                               "are first used, so RSS climbs until all of it is.", min=1)] = 4,
-    stream_maxlen: Annotated[int | None, typer.Option(help="Completion records Redis keeps (default 200,000: "
-                                                      "set lower to see the bound within a short run).")] = None,
+    stream_maxlen: Annotated[int | None, typer.Option(help=f"Completion records Redis keeps (default {STREAM_MAXLEN:,}"
+                                                      ": set lower to see the bound within a short run).")] = None,
     dedupe_ttl: Annotated[int | None, typer.Option(help="Seconds a request id's dedupe key lives in Redis "
-                                                   "(default one day).")] = None,
+                                                   f"(default {DEDUPE_TTL_S:,}).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the workload.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report (JSON) here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the plot (PNG) here.")] = None,

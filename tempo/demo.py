@@ -39,17 +39,19 @@ def _machine_key() -> str:
 
 
 def cached_calibration(url: str, workload: list[Any], model: str = SERVED,
-                       path: Path = CALIBRATION) -> dict[str, Any]:
-    """``calibrate`` on this engine, cached in ``path`` per machine and served model."""
+                       path: Path = CALIBRATION, burst: int = 16) -> dict[str, Any]:
+    """``calibrate`` on this engine, cached in ``path`` per machine, served model and burst size (``burst``
+    concurrent requests must fit the server's admission limit)."""
     from tempo.serving.bench.calibrate import calibrate
 
     try:
         cached = json.loads(path.read_text())
-        if cached.get("machine") == _machine_key() and cached.get("model") == model:
+        if (cached.get("machine"), cached.get("model"), cached["measured"].get("burst")) == (
+                _machine_key(), model, burst):
             return dict(cached)
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError):
         pass
-    result = calibrate(url, model, workload, burst=16)
+    result = calibrate(url, model, workload, burst=burst)
     result.update(machine=_machine_key(), model=model)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

@@ -155,6 +155,7 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
     from tempo.scheduler.goodput import account
     from tempo.serving.bench.engine_client import LiveReplay, ReplayConfig, replay
     from tempo.serving.chaos.run import chaos_workload
+    from tempo.serving.vllm.config import ServeConfig
     from tempo.serving.vllm.launch import ManagedServer
     from tempo.serving.vllm.server import resolve_model
     from tempo.serving.vllm.stack import EstimatorService, LocalRedis, Stack, bootstrap_artifact
@@ -181,8 +182,11 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
                                          logs / "serve.log"))
         server.start()
         progress.update(task, description="calibrating SLOs and saturation to this engine (cached per machine)")
+        # the burst is new work: it must fit below the slots tempo serve keeps for admitted jobs
+        open_slots = config.max_in_flight - ServeConfig(max_in_flight=config.max_in_flight).job_reserve_slots
         calibration = cached_calibration(server.url, chaos_workload(2.0, 120.0, config.seed + 1), served,
-                                         CALIBRATION.with_name(f"soak-calibration-{served}.json"))
+                                         CALIBRATION.with_name(f"soak-calibration-{served}.json"),
+                                         burst=min(16, open_slots))
         slo = calibration["slo"]
         saturation = float(calibration["saturation"]["rps"])
         rps = config.rps or round(config.load * saturation, 3)

@@ -67,6 +67,11 @@ class ServeConfig(BaseModel):
     record_buffer: int = Field(100_000, ge=1)  # records held while Redis is down
     spill_path: str | None = ".cache/tempo-serve/unsent-completions.jsonl"  # records left at shutdown
 
+    @property
+    def job_reserve_slots(self) -> int:
+        """In-flight slots only calls of admitted jobs may use; new work is admitted below the rest."""
+        return int(self.max_in_flight * self.job_reserve)
+
     def slo_defaults(self) -> SLODefaults:
         return SLODefaults(self.default_slo_class, self.default_ttft_s, self.default_tbt_s, self.default_deadline_s,
                            self.default_job_deadline_s, self.default_app)

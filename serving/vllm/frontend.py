@@ -110,8 +110,7 @@ class SLOMiddleware:
         self.config = config or ServeConfig.from_env()
         self.defaults = self.config.slo_defaults()
         self.in_flight = 0
-        self.admission = JobAdmission(self.config.max_in_flight,
-                                      int(self.config.max_in_flight * self.config.job_reserve))
+        self.admission = JobAdmission(self.config.max_in_flight, self.config.job_reserve_slots)
         self._bounds: Any = None
         self._client: Any = None
         self._metrics: Any = None
@@ -154,7 +153,7 @@ class SLOMiddleware:
         if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in PATHS:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.config.max_in_flight:
+        if self.in_flight >= self.config.max_in_flight:  # before the body is read: no job is known to drop
             await _error(send, self._overloaded(QUEUE_FULL))
             return
         self.in_flight += 1

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from tempo.estimator.retention import DEDUPE_TTL_S, STREAM_MAXLEN
 
 from tempo.errors import TempoError
 
@@ -108,9 +109,10 @@ def serve_command(
                                               "unless already set.")] = 4,
     store_prompt_text: Annotated[bool, typer.Option(help="Keep prompt text in completion records.")] = False,
     stream_maxlen: Annotated[int | None, typer.Option(help="Completion records the Redis stream keeps (older "
-                                                      "ones are trimmed; default 200,000).")] = None,
+                                                      f"ones are trimmed; default {STREAM_MAXLEN:,}).")] = None,
     dedupe_ttl: Annotated[int | None, typer.Option(help="Seconds a request id stays recorded against duplicates "
-                                                   "(one small Redis key per record; default one day).")] = None,
+                                                   f"(one small Redis key per record; default {DEDUPE_TTL_S:,})."
+                                                   )] = None,
 ) -> None:
     """Serve an OpenAI-compatible endpoint on vLLM with the Tempo scheduler. Arguments after '--' go to vLLM.
 
