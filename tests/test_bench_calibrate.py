@@ -23,8 +23,9 @@ class CoalescingEngine:
     """Prefill costs PREFILL_PER_TOKEN_S per uncached prompt token (a prompt seen before costs nothing);
     tokens come ITL_S apart, sent CHUNK at a time with cumulative usage."""
 
-    def __init__(self) -> None:
+    def __init__(self, stalls: int = 0) -> None:
         self.seen: set[tuple[int, ...]] = set()
+        self.stalls = stalls  # the first ``stalls`` long streams arrive all at once, as from a stalled server loop
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         body = json.loads((await receive())["body"])
@@ -33,11 +34,15 @@ class CoalescingEngine:
         self.seen.add(prompt)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         n, sent = body["max_tokens"], 0
+        stalled = n > 60 and self.stalls > 0
+        if stalled:
+            self.stalls -= 1
+            await asyncio.sleep(ITL_S * n)
         await self._chunk(send, 1)
         sent = 1
         while sent < n:
             step = min(CHUNK, n - sent)
-            await asyncio.sleep(ITL_S * step)
+            await asyncio.sleep(0 if stalled else ITL_S * step)
             sent += step
             await self._chunk(send, sent)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
@@ -49,10 +54,12 @@ class CoalescingEngine:
 
 
 @pytest.fixture
-def engine_url() -> Iterator[str]:
-    """The stand-in behind a real HTTP server (httpx's ASGI transport would not stream)."""
+def engine_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The stand-in behind a real HTTP server (httpx's ASGI transport would not stream); ``indirect``
+    parameter: how many long streams stall."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(CoalescingEngine(), host="127.0.0.1", port=port, log_level="error"))
+    engine = CoalescingEngine(getattr(request, "param", 0))
+    server = uvicorn.Server(uvicorn.Config(engine, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -70,3 +77,9 @@ def test_calibration_reads_the_engine_through_coalesced_chunks_and_a_warm_cache(
     for measured in (first, again):  # the second run is not fooled by the prompts the first one cached
         assert measured["inter_token_s"] == pytest.approx(ITL_S, rel=0.25)
         assert measured["ttft_per_prompt_token_s"] == pytest.approx(PREFILL_PER_TOKEN_S, rel=0.25)
+
+
+@pytest.mark.parametrize("engine_url", [1], indirect=True)
+def test_one_stalled_stream_does_not_set_the_inter_token_time(engine_url: str) -> None:
+    measured = asyncio.run(measure_engine(engine_url, "m", max_prompt=1024, burst=2))
+    assert measured["inter_token_s"] == pytest.approx(ITL_S, rel=0.25)  # not ~0: its tokens came at once

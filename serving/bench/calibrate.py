@@ -3,14 +3,15 @@ nothing on a two-core CPU engine, so the benchmark measures the engine unloaded 
 stated multiples of what it measured:
 
 - unloaded TTFT by prompt length (one request at a time, one output token; a line fitted to the medians),
-- unloaded inter-token time (one request decoding),
+- unloaded inter-token time (one request decoding; the median of three),
 - FCFS saturation: the engine's sustained token throughput under overload (``quick``: a burst of concurrent
   requests instead), divided by the workload's mean tokens per arrival;
 
 then TBT = ``tbt_x`` x the inter-token time, TTFT = ``ttft_x`` x the unloaded TTFT of a median chat prompt,
 deadline = ``deadline_x`` x the unloaded time of a median deadline request, compound stage deadline =
 ``stage_x`` x the median unloaded critical path per stage of the jobs. The JSON is written once and
-reused by the runs (and printed by the report).
+reused by the runs (and printed by the report). No SLO is set below ``MIN_SLO_S``, the shortest the server
+accepts.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import httpx
 from tempo.scheduler.slo import SLOClass
 from tempo.serving.bench.engine_client import ReplayConfig, replay, served_prompt_tokens, synthetic_prompt
+from tempo.serving.vllm.slo_fields import MIN_SLO_S
 from tempo.serving.workloads.format import WorkloadRequest
 
 
@@ -99,10 +101,13 @@ async def measure_engine(url: str, model: str, max_prompt: int = 1800, burst: in
         for p in lengths:
             ttfts[p] = statistics.median([
                 (await _first_token_s(http, model, synthetic_prompt(f"t{p}{i}{nonce}", p), 1))[0] for i in range(3)])
-        times = await _first_token_s(http, model, synthetic_prompt(f"itl{nonce}", 64), 65)
-        # the mean gap after the first token: the server may coalesce tokens into one chunk, so a median of
-        # chunk gaps would read 0
-        itl = (times[-1] - times[0]) / max(1, len(times) - 1)
+        # the mean gap after the first token (the server may coalesce tokens into one chunk, so a median of
+        # chunk gaps would read 0), the median of three: one stalled stream delivers its tokens at once
+        itls = []
+        for i in range(3):
+            times = await _first_token_s(http, model, synthetic_prompt(f"itl{i}{nonce}", 64), 65)
+            itls.append((times[-1] - times[0]) / max(1, len(times) - 1))
+        itl = statistics.median(itls)
         started = time.perf_counter()
         await asyncio.gather(*(_first_token_s(http, model, synthetic_prompt(f"b{i}{nonce}", 256), 64)
                                for i in range(burst)))
@@ -144,12 +149,12 @@ def calibrate(url: str, model: str, workload: Sequence[WorkloadRequest], multipl
         return float(measured["ttft_base_s"] + measured["ttft_per_prompt_token_s"] * min(p, max_prompt))
 
     itl = float(measured["inter_token_s"])
-    slo = {
+    slo = {k: max(MIN_SLO_S, v) for k, v in {  # never below the shortest SLO tempo serve accepts
         "ttft_s": multiples.ttft_x * ttft(med["chat_prompt"]),
         "tbt_s": multiples.tbt_x * itl,
         "deadline_s": multiples.deadline_x * (ttft(med["deadline_prompt"]) + med["deadline_output"] * itl),
         "stage_deadline_s": multiples.stage_x * (ttft(med["stage_prompt"]) + med["stage_output"] * itl),
-    }
+    }.items()}
     if overload is not None:
         sustained = saturation_tokens_per_s(url, model, overload)
         method = "FCFS overloaded replay (tokens delivered over the last two thirds of the window)"

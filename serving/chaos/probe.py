@@ -41,7 +41,7 @@ def probe(url: str, model: str, out: Path, interval_s: float, stop: threading.Ev
 
 
 def summary(path: Path) -> dict[str, Any]:
-    """Requests sent, refused (503) and the refusals' wait p50 / p99 / max (ms)."""
+    """Requests sent, refused (503), the refusals' wait p50 / p99 / max (ms) and how many took over 100 ms."""
     import numpy as np
 
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
@@ -51,7 +51,8 @@ def summary(path: Path) -> dict[str, Any]:
     return {"sent": len(rows), "refused": len(waits), "admitted": sum(1 for r in rows if r["status"] == 200),
             "errors": sum(1 for r in rows if r["status"] not in (200, 503)),
             "reasons": sorted({r["reason"] for r in rows if r["status"] == 503 and r["reason"]}),
-            "wait_ms_p50": quantile(0.5), "wait_ms_p99": quantile(0.99), "wait_ms_max": max(waits, default=None)}
+            "wait_ms_p50": quantile(0.5), "wait_ms_p99": quantile(0.99), "wait_ms_max": max(waits, default=None),
+            "over_100ms": sum(1 for w in waits if w > 100)}
 
 
 def main(argv: list[str]) -> None:
