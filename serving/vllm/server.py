@@ -111,8 +111,7 @@ def serve_command(
     stream_maxlen: Annotated[int | None, typer.Option(help="Completion records the Redis stream keeps (older "
                                                       f"ones are trimmed; default {STREAM_MAXLEN:,}).")] = None,
     dedupe_ttl: Annotated[int | None, typer.Option(help="Seconds a request id stays recorded against duplicates "
-                                                   f"(one small Redis key per record; default {DEDUPE_TTL_S:,})."
-                                                   )] = None,
+                                                   f"(a small Redis key each; default {DEDUPE_TTL_S:,}).")] = None,
 ) -> None:
     """Serve an OpenAI-compatible endpoint on vLLM with the Tempo scheduler. Arguments after '--' go to vLLM.
 
