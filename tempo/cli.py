@@ -101,6 +101,9 @@ def soak(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report (JSON) here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the plot (PNG) here.")] = None,
     out: Annotated[Path, typer.Option(help="Logs.")] = Path("out/soak"),
+    engine_nice: Annotated[int, typer.Option(help="Niceness (0-19) of vLLM's engine processes: above 0, the load "
+                                             "generator and the API server run ahead of the engine when they "
+                                             "share its cores.")] = 0,
 ) -> None:
     """Steady mixed load on the whole stack for --duration seconds (or far past saturation with --load 4):
     resident memory of tempo serve and the estimator, Redis memory, p99 latency and attainment over time;
@@ -110,16 +113,20 @@ def soak(
 
     console = make_console()
     config = SoakConfig(duration, load, rps, interval, model, policy, max_in_flight, kv_cache_gib, stream_maxlen,
-                        dedupe_ttl, seed, out)
+                        dedupe_ttl, seed, out, engine_nice)
     report = run_soak(config, console)
-    summary = {k: report[k] for k in ("config", "requests", "refusals", "load_generator", "rejections", "admitted",
-                                      "memory")}
+    summary = {k: report[k] for k in ("server", "config", "requests", "refusals", "load_generator", "rejections",
+                                      "admitted", "memory")}
     console.print_json(json.dumps(summary))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=1))
     if plot is not None:
         plot_soak(report, plot)
+    if report["server"]["exited_during_load"]:
+        console.print(f"[red]tempo serve exited {report['server']['exit_s']} s into the load "
+                      f"(code {report['server']['returncode']}); its log: {report['server']['log']}[/]")
+        raise typer.Exit(1)
 
 
 @app.command("demo")

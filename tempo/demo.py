@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,17 +82,10 @@ def run_demo(console: Console, duration_s: float = 40.0, load: float = 2.0, seed
         raise TempoError("the demo needs the real engine: run 'make demo' (it builds .venv-vllm)")
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from tempo.serving.bench.engine_client import ReplayConfig, replay, scrape_metrics
-    from tempo.serving.bench.vllm_bench import summarize_run
-    from tempo.serving.vllm.launch import ManagedServer
     from tempo.serving.vllm.stack import EstimatorService, LocalRedis, Stack, bootstrap_artifact
-    from tempo.serving.workloads.builder import WorkloadSpec, build_workload
-    from tempo.serving.workloads.sources import azure_conv_trace_path
 
     started = time.perf_counter()
     logs = out / "logs"
-    runs: dict[str, dict[str, Any]] = {}
-    answers: dict[str, Any] = {}
     with Stack() as stack, Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                                     console=console, transient=True) as progress:
         task = progress.add_task("starting Redis")
@@ -104,42 +98,74 @@ def run_demo(console: Console, duration_s: float = 40.0, load: float = 2.0, seed
         artifact = bootstrap_artifact(lambda s: stage(f"length model: {s}"))
         stage("estimator service")
         estimator = stack.add(EstimatorService(redis.url, artifact, logs / "estimator.log"))
-        workload: list[Any] = []
-        calibration: dict[str, Any] = {}
-        for policy in ("fcfs", "tempo"):
-            stage(f"tempo serve --policy {policy} (SmolLM2-135M-Instruct; built from PyPI on first use)")
-            server = stack.add(ManagedServer(["--model", model, "--policy", policy, "--redis-url", redis.url,
-                                              "--estimator-url", estimator.url], logs / f"serve-{policy}.log"))
-            server.start()
-            if not workload:
-                stage("calibrating SLOs to this engine (cached per machine)")
-                probe = demo_shape(build_workload(WorkloadSpec(rps=2.0, duration_s=120.0, seed=seed + 1,
-                                                               arrivals=str(azure_conv_trace_path()))))
-                calibration = cached_calibration(server.url, probe)
-                slo = calibration["slo"]
-                rps = rps or round(load * calibration["saturation"]["rps"], 3)
-                load = rps / calibration["saturation"]["rps"]
-                workload = demo_shape(build_workload(WorkloadSpec(
-                    rps=rps, duration_s=duration_s, seed=seed, arrivals=str(azure_conv_trace_path()),
-                    ttft_s=slo["ttft_s"], tbt_s=slo["tbt_s"], deadline_s=slo["deadline_s"],
-                    stage_deadline_s=slo["stage_deadline_s"])))
-            stage(f"{policy}: replaying {len(workload)} requests ({duration_s:.0f} s of arrivals at {rps} /s)")
-            before = asyncio.run(scrape_metrics(server.url))
-            result = asyncio.run(replay(workload, ReplayConfig(server.url, SERVED, natural_lengths=True,
-                                                               max_tokens_cap=ANSWER_CAP)))
-            time.sleep(1.0)
-            after = asyncio.run(scrape_metrics(server.url))
-            runs[policy] = summarize_run(policy, 0, workload, result, before, after, 1.0)
-            answers[policy] = result.observed
-            server.stop()
-    report = {"calibration": calibration, "rps": rps, "duration_s": duration_s, "load": load,
-              "requests": len(workload), "runs": runs, "wall_s": round(time.perf_counter() - started, 1)}
-    _print(console, report, workload, answers)
+        served = ["--redis-url", redis.url, "--estimator-url", estimator.url]
+        replayed = replay_variants(stack, {p: ["--policy", p, *served] for p in ("fcfs", "tempo")}, model, logs,
+                                   stage, duration_s, load, seed, rps)
+    report = {**replayed.report, "wall_s": round(time.perf_counter() - started, 1)}
+    _print(console, report, replayed.workload, replayed.answers)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(report, indent=1))
     _plot(report, out / "demo.png")
     console.print(f"wrote {out / 'demo.json'} and {out / 'demo.png'}; took {report['wall_s']:.0f} s")
     return report
+
+
+@dataclass
+class Replayed:
+    report: dict[str, Any]  # calibration, rps, duration_s, load, requests, runs (per variant)
+    workload: list[Any]
+    answers: dict[str, Any]  # variant -> the client's view of each request
+
+
+def replay_variants(stack: Any, variants: dict[str, list[str]], model: str, logs: Path, stage: Any,
+                    duration_s: float = 40.0, load: float = 2.0, seed: int = 0,
+                    rps: float | None = None) -> Replayed:
+    """Start ``tempo serve`` once per variant (label -> its options) in ``stack``, one after another, and
+    replay the same demo-shaped workload on each (natural lengths). SLOs and the saturation rate are
+    calibrated on the first server (cached per machine)."""
+    from tempo.serving.bench.engine_client import ReplayConfig, replay, scrape_metrics
+    from tempo.serving.bench.vllm_bench import summarize_run
+    from tempo.serving.vllm.launch import ManagedServer
+    from tempo.serving.workloads.builder import WorkloadSpec, build_workload
+    from tempo.serving.workloads.sources import azure_conv_trace_path
+
+    runs: dict[str, dict[str, Any]] = {}
+    answers: dict[str, Any] = {}
+    workload: list[Any] = []
+    calibration: dict[str, Any] = {}
+    for label, options in variants.items():
+        stage(f"tempo serve, {label} (SmolLM2-135M-Instruct; built from PyPI on first use)")
+        server = stack.add(ManagedServer(["--model", model, *options], logs / f"serve-{label.replace(' ', '-')}.log"))
+        server.start()
+        if not workload:
+            stage("calibrating SLOs to this engine (cached per machine)")
+            probe = demo_shape(build_workload(WorkloadSpec(rps=2.0, duration_s=120.0, seed=seed + 1,
+                                                           arrivals=str(azure_conv_trace_path()))))
+            calibration = cached_calibration(server.url, probe)
+            slo = calibration["slo"]
+            rps = rps or round(load * calibration["saturation"]["rps"], 3)
+            load = rps / calibration["saturation"]["rps"]
+            workload = demo_shape(build_workload(WorkloadSpec(
+                rps=rps, duration_s=duration_s, seed=seed, arrivals=str(azure_conv_trace_path()),
+                ttft_s=slo["ttft_s"], tbt_s=slo["tbt_s"], deadline_s=slo["deadline_s"],
+                stage_deadline_s=slo["stage_deadline_s"])))
+        stage(f"{label}: replaying {len(workload)} requests ({duration_s:.0f} s of arrivals at {rps} /s)")
+        before = asyncio.run(scrape_metrics(server.url))
+        result = asyncio.run(replay(workload, ReplayConfig(server.url, SERVED, natural_lengths=True,
+                                                           max_tokens_cap=ANSWER_CAP)))
+        time.sleep(1.0)
+        after = asyncio.run(scrape_metrics(server.url))
+        runs[label] = summarize_run(label, 0, workload, result, before, after, 1.0)
+        answers[label] = result.observed
+        server.stop()
+    return Replayed({"calibration": calibration, "rps": rps, "duration_s": duration_s, "load": load,
+                     "requests": len(workload), "runs": runs}, workload, answers)
+
+
+def attainment_cell(per_class: dict[str, Any]) -> str:
+    """'latency / deadline / compound' attainment of a run's per-class figures ('-' where a class is absent)."""
+    return " / ".join(f"{per_class[c]['attainment']:.2f}" if per_class.get(c) and per_class[c]["attainment"]
+                      is not None else "-" for c in ("latency", "deadline", "compound"))
 
 
 def _print(console: Console, report: dict[str, Any], workload: list[Any], answers: dict[str, Any]) -> None:
@@ -153,11 +179,9 @@ def _print(console: Console, report: dict[str, Any], workload: list[Any], answer
                    "TTFT p99 s", "TBT p99 s", "rejected"):
         table.add_column(column, justify="left" if column == "policy" else "right")
     for policy, run in report["runs"].items():
-        pc = run["per_class"]
-        att = " / ".join(f"{pc[c]['attainment']:.2f}" if pc.get(c) and pc[c]["attainment"] is not None else "-"
-                         for c in ("latency", "deadline", "compound"))
-        lat = pc.get("latency", {})
-        table.add_row(policy, f"{run['token_goodput']:,.0f} tok/s", f"{run['request_goodput']:.2f} /s", att,
+        lat = run["per_class"].get("latency", {})
+        table.add_row(policy, f"{run['token_goodput']:,.0f} tok/s", f"{run['request_goodput']:.2f} /s",
+                      attainment_cell(run["per_class"]),
                       f"{lat.get('ttft_p99_s') or 0:.2f}", f"{lat.get('tbt_p99_s') or 0:.3f}",
                       f"{run['client']['rejected']}")
     console.print(table)

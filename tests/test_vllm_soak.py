@@ -17,6 +17,7 @@ def test_two_minutes_past_saturation_refuses_at_once_and_keeps_memory_bounded(tm
     pytest.importorskip("vllm")
     report = run_soak(SoakConfig(duration_s=120.0, load=2.0, interval_s=10.0, max_in_flight=16, out=tmp_path),
                       Console(width=120))
+    assert report["server"] == {"exited_during_load": False}
     requests = report["requests"]
     assert requests["sent"] > 50 and requests["answered"] > 0 and requests["errors"] == 0
     if requests["refused"]:  # how long clients waited for them is a figure (docs/reliability.md), not a test

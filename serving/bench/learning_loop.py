@@ -9,7 +9,10 @@ prompts (the test split) are sent at a fixed concurrency, the model answering in
 lengths, capped at ``max_tokens``); no restart anywhere.
 
 From the stream, in completion order: rolling coverage of the served initial bound and reserved tokens per
-used token (see ``rolling``).
+used token (see ``rolling``). Then (``compare``) the bounds at work in scheduling: the demo's overloaded mix
+replayed under Tempo three times, with bounds from (a) the estimator that has just learned the served model,
+(b) the per-(class, app) empirical ladders of another LLM's lengths, (c) one fixed bound (both local, no
+service), one server after another in the same stack.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from tempo.data.castillo import load_length_rows, load_prompts, prompt_split
 from tempo.serving.bench.vllm_bench import SERVED_NAMES
 from tempo.serving.vllm.launch import ManagedServer
 from tempo.serving.vllm.stack import EstimatorService, LocalRedis, Stack, bootstrap_artifact
+
+from tempo.demo import replay_variants
 
 CHAT = ("Alpaca", "DollyDataset", "ShareGPT")
 CODE = ("Apps", "BigCodeBench", "DS1000", "Mbpp")
@@ -102,9 +107,18 @@ def rolling(records: list[dict[str, Any]], window: int, quantile: float) -> dict
             "within_0.03_from": within}
 
 
+def bound_variants(redis_url: str, estimator_url: str) -> dict[str, list[str]]:
+    """``tempo serve`` options of Tempo with each source of length bounds the loop compares."""
+    return {"learned": ["--policy", "tempo", "--redis-url", redis_url, "--estimator-url", estimator_url,
+                        "--estimator-timeout", "0.5"],
+            "empirical ladders": ["--policy", "tempo", "--bounds", "empirical"],
+            "fixed bound": ["--policy", "tempo", "--bounds", "fixed"]}
+
+
 def run_learning_loop(n: int = 600, concurrency: int = 16, max_tokens: int = 512, retrain_at: int = 300,
                       window: int = 100, model: str = "smollm2", logs: Path = Path("out/loop-logs"),
-                      stage: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                      stage: Callable[[str], None] = lambda s: None, compare: bool = True,
+                      compare_duration_s: float = 40.0, compare_load: float = 2.0) -> dict[str, Any]:
     served = SERVED_NAMES.get(model, Path(model).name)
     prompts = loop_prompts(n)
     started = time.perf_counter()
@@ -141,9 +155,12 @@ def run_learning_loop(n: int = 600, concurrency: int = 16, max_tokens: int = 512
         records = [json.loads(fields[b"data"]) for _, fields in client.xrange("tempo:completions")]
         records = [r for r in records if str(r.get("request_id", "")).find("loop-") >= 0]
         models = httpx.get(f"{estimator.url}/v1/models", timeout=10).json()
+        server.stop()
+        comparison = replay_variants(stack, bound_variants(redis.url, estimator.url), model, logs, stage,
+                                     compare_duration_s, compare_load).report if compare else None
     return {"completions": len(records), "concurrency": concurrency, "max_tokens": max_tokens,
             "quantile": 0.9, "rolling": rolling(records, window, 0.9), "retrain": retrain, "models": models,
-            "wall_s": round(time.perf_counter() - started, 1),
+            "wall_s": round(time.perf_counter() - started, 1), "bounds_in_scheduling": comparison,
             "records": [{k: r.get(k) for k in ("request_id", "slo_class", "app", "output_tokens", "bound",
                                                "bound_fallback", "finish_reason")} for r in records],
             "lengths": {"median_output": sorted(r["output_tokens"] for r in records)[len(records) // 2]

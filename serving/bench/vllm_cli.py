@@ -218,6 +218,19 @@ def engine_learning_loop(model: str, completions: int, json_out: Path | None, co
                   f"{roll['capped_completions']} at max_tokens); within 0.03 of q from "
                   f"{roll['within_0.03_from']} completions on; retrain: "
                   f"{(result['retrain'].get('report') or {}).get('status', result['retrain'].get('returncode'))}")
+    comparison = result.get("bounds_in_scheduling")
+    if comparison:
+        from tempo.demo import attainment_cell
+
+        table = Table(title=f"Tempo with each source of bounds: {comparison['requests']} requests at "
+                            f"{comparison['load']:.2f}x the estimated saturation, natural lengths",
+                      title_justify="left")
+        for column in ("bounds", "token goodput", "request goodput", "attainment L / D / C", "rejected"):
+            table.add_column(column, justify="left" if column == "bounds" else "right")
+        for label, run in comparison["runs"].items():
+            table.add_row(label, f"{run['token_goodput']:,.0f} tok/s", f"{run['request_goodput']:.2f} /s",
+                          attainment_cell(run["per_class"]), str(run["client"]["rejected"]))
+        console.print(table)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")

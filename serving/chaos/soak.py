@@ -48,12 +48,37 @@ class SoakConfig:
     dedupe_ttl_s: int | None = None
     seed: int = 0
     out: Path = Path("out/soak")
+    # niceness of vLLM's engine processes (0: as started). On a machine whose cores the load generator shares,
+    # a positive value keeps the client and the API server ahead of the engine, as separate client machines
+    # and a front end on cores of its own would
+    engine_nice: int = 0
 
     def validate(self) -> None:
         if self.duration_s <= 0 or self.interval_s <= 0 or self.load <= 0 or (self.rps is not None and self.rps <= 0):
             raise TempoError("--duration, --interval, --load and --rps must be > 0")
         if self.max_in_flight < 1:
             raise TempoError("--max-in-flight must be >= 1")
+        if not 0 <= self.engine_nice <= 19:
+            raise TempoError("--engine-nice must be in 0..19")
+
+
+def renice_descendants(pid: int, nice: int, name_prefix: str = "VLLM::") -> list[str]:
+    """Set the niceness of every thread of ``pid``'s descendants whose name starts with ``name_prefix``
+    (vLLM's engine core and worker); the names of the processes changed. Linux keeps a niceness per thread,
+    and torch's threads exist already, so each thread is set, not only the process."""
+    import os
+
+    import psutil
+
+    changed = []
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.name().startswith(name_prefix):
+                for thread in child.threads():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.setpriority(os.PRIO_PROCESS, thread.id, nice)
+                changed.append(child.name())
+    return changed
 
 
 def _rss_mb(pid: int) -> dict[str, float]:
@@ -181,6 +206,8 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
                                           *[a for option, _, value in retention for a in (option, str(value))]],
                                          logs / "serve.log"))
         server.start()
+        if config.engine_nice and not renice_descendants(server.process.pid, config.engine_nice):
+            raise TempoError("--engine-nice: no VLLM:: engine process found under tempo serve")
         progress.update(task, description="calibrating SLOs and saturation to this engine (cached per machine)")
         # the burst is new work: it must fit below the slots tempo serve keeps for admitted jobs
         open_slots = config.max_in_flight - ServeConfig(max_in_flight=config.max_in_flight).job_reserve_slots
@@ -209,9 +236,13 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
         while live.t0 is None:
             time.sleep(0.05)
         sampler.start()
+        server_exit_s: float | None = None
         while loader.is_alive():
             if time.monotonic() - live.t0 > config.duration_s:
                 live.stop.set()  # arrivals are over; late compound stages are not sent
+            if server_exit_s is None and server.process.poll() is not None:
+                server_exit_s = round(time.monotonic() - live.t0, 1)  # a finding: the run stops, the report says
+                live.stop.set()
             progress.update(task, completed=min(config.duration_s, time.monotonic() - live.t0))
             loader.join(1.0)
         sampler.done.set()
@@ -226,11 +257,12 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
     overall = account(admitted).to_dict()
     samples = sampler.samples
     return {
+        "server": server_outcome(server.process.returncode, server_exit_s, server.log),
         "config": {"duration_s": config.duration_s, "load": round(rps / saturation, 3), "rps": rps,
                    "interval_s": config.interval_s, "model": config.model, "policy": config.policy,
                    "max_in_flight": config.max_in_flight, "kv_cache_gib": config.kv_cache_gib,
                    "stream_maxlen": config.stream_maxlen,
-                   "dedupe_ttl_s": config.dedupe_ttl_s, "seed": config.seed},
+                   "dedupe_ttl_s": config.dedupe_ttl_s, "seed": config.seed, "engine_nice": config.engine_nice},
         "calibration": {"slo": slo, "saturation_rps": saturation},
         "requests": {"sent": len(observed),
                      "answered": sum(1 for o in observed if o.finish_reason in ("stop", "length")),
@@ -254,6 +286,15 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
         "samples": samples,
         "intervals": per_interval(replayed.outcomes, config.interval_s),
     }
+
+
+def server_outcome(returncode: int | None, exit_s: float | None, log: Path, lines: int = 40) -> dict[str, Any]:
+    """Whether ``tempo serve`` lived through the load; if not, when it exited and its log's last lines (an
+    error in the engine or the plug-in ends vLLM's API server with it)."""
+    if exit_s is None:
+        return {"exited_during_load": False}
+    tail = log.read_text(errors="replace").splitlines()[-lines:] if log.is_file() else []
+    return {"exited_during_load": True, "exit_s": exit_s, "returncode": returncode, "log": str(log), "log_tail": tail}
 
 
 def admitted_work(outcomes: list[Any], sent: set[str], refused: set[str]) -> list[Any]:
