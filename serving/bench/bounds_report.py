@@ -45,9 +45,10 @@ def main() -> None:
     parser.add_argument("--rps", type=float, default=4.54)
     parser.add_argument("--prompt-split", default="test")
     parser.add_argument("--estimators", default="empirical,learned,fixed")
+    parser.add_argument("--quantile", type=float, default=0.9)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
-    report = bounds_report(args.rps, args.prompt_split, args.estimators.split(","))
+    report = bounds_report(args.rps, args.prompt_split, args.estimators.split(","), quantile=args.quantile)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     for name, rows in report["estimators"].items():
