@@ -37,15 +37,17 @@ VERSION = "v1"  # bump when the training recipe changes
 
 @dataclass
 class LearnedProvider:
-    """Learned ladders for requests with prompt text; ``fallback`` for compound calls and text-less ones."""
+    """Learned ladders for requests of ``classes`` with prompt text; ``fallback`` for the others (compound
+    calls, text-less requests, and the classes left to it)."""
 
     model: LengthBoundModel
     fallback: BoundProvider
     seen_prompts: frozenset[str]
+    classes: frozenset[SLOClass] = frozenset({SLOClass.LATENCY, SLOClass.DEADLINE})
 
     def ladders(self, queries: Sequence[BoundQuery]) -> list[BoundLadder]:
         out = self.fallback.ladders(queries)
-        chosen = [i for i, q in enumerate(queries) if q.prompt and q.slo_class is not SLOClass.COMPOUND]
+        chosen = [i for i, q in enumerate(queries) if q.prompt and q.slo_class in self.classes]
         leaked = sum(1 for i in chosen if queries[i].prompt in self.seen_prompts)
         if leaked:
             raise TempoError(f"{leaked} of the {len(chosen)} prompts to bound were used to train the learned "

@@ -12,7 +12,8 @@
 
 - ``learned``: issue #5's length model from prompt text (``tempo.serving.bounds.learned``), trained on CASTILLO's fit
   and calibration prompts of the workload's served models; compound calls keep the empirical ladders.
-  Needs a workload of unseen prompts (``--prompt-split test``).
+  Needs a workload of unseen prompts (``--prompt-split test``). ``learned-deadline``: the same for
+  deadline requests only, chat on the empirical ladders.
 
 Another estimator plugs in with one line::
 
@@ -193,7 +194,8 @@ def _oracle(ctx: ProviderContext) -> BoundProvider:
     return OracleProvider(ctx.truth)
 
 
-def _learned(ctx: ProviderContext) -> BoundProvider:
+def _learned(ctx: ProviderContext, classes: frozenset[SLOClass] = frozenset({SLOClass.LATENCY, SLOClass.DEADLINE})
+             ) -> BoundProvider:
     from tempo.serving.bounds.learned import LearnedProvider, fit_learned
 
     models = sorted({w.model for w in ctx.training if w.model})
@@ -201,13 +203,20 @@ def _learned(ctx: ProviderContext) -> BoundProvider:
         raise TempoError("the learned estimator needs training completions that name their served model")
     rows, prompts, _ = _sources()
     model, seen = fit_learned(rows, prompts, models, ctx.quantile)
-    return LearnedProvider(model, _empirical(ctx), seen)
+    return LearnedProvider(model, _empirical(ctx), seen, classes)
+
+
+def _learned_deadline(ctx: ProviderContext) -> BoundProvider:
+    """Learned bounds for deadline requests only, chat on the per-app ladders (docs/scheduler.md: a chat
+    request needs a pace, not a length)."""
+    return _learned(ctx, frozenset({SLOClass.DEADLINE}))
 
 
 register_provider("empirical", _empirical)
 register_provider("fixed", _fixed)
 register_provider("oracle", _oracle)
 register_provider("learned", _learned)
+register_provider("learned-deadline", _learned_deadline)
 
 
 # ------------------------------------------------------------ training data
