@@ -38,6 +38,18 @@ def test_learned_ladders_for_text_requests_and_fallback_for_compound(data, tmp_p
     assert {prompts[r.prompt_id] for r in unseen}.isdisjoint(seen)
 
 
+def test_learned_for_deadline_only_leaves_chat_to_the_fallback(data, tmp_path: Path) -> None:
+    rows, prompts = data
+    model, seen = fit_learned(rows, prompts, [MODEL], 0.9, cache=tmp_path)
+    provider = LearnedProvider(model, FixedProvider(777), seen, frozenset({SLOClass.DEADLINE}))
+    unseen = [r for r in rows if prompt_split(r.prompt_id) == "test"][:10]
+    queries = [BoundQuery(f"q{i}", r.input_tokens, cls, r.dataset, MODEL, prompts[r.prompt_id])
+               for i, r in enumerate(unseen) for cls in (SLOClass.LATENCY, SLOClass.DEADLINE)]
+    ladders = provider.ladders(queries)
+    assert all(ladder.initial == 777 for q, ladder in zip(queries, ladders) if q.slo_class is SLOClass.LATENCY)
+    assert any(ladder.initial != 777 for q, ladder in zip(queries, ladders) if q.slo_class is SLOClass.DEADLINE)
+
+
 def test_learned_refuses_prompts_it_was_trained_on(data, tmp_path: Path) -> None:
     rows, prompts = data
     model, seen = fit_learned(rows, prompts, [MODEL], 0.9, cache=tmp_path)
