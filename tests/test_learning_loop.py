@@ -22,6 +22,11 @@ def test_rolling_coverage_reaches_q_and_counts_capped_answers() -> None:
     assert got["points"][-1]["reserved_per_used"] == (90 * 100 + 10 * 400) / (90 * 50 + 10 * 512)
 
 
+def test_rolling_counts_a_window_exactly_0_03_from_q_as_within() -> None:
+    records = [_record(i, 50, 100) if i % 100 >= 7 else _record(i, 300, 100) for i in range(200)]  # 0.93
+    assert rolling(records, window=100, quantile=0.9)["within_0.03_from"] == 100
+
+
 def test_rolling_skips_aborted_and_unbounded_records() -> None:
     records = [_record(i, 10, 20) for i in range(50)] + [_record(50, 10, 20, "abort"), _record(51, 10, 0)]
     got = rolling(records, window=50, quantile=0.9)
