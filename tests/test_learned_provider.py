@@ -45,9 +45,9 @@ def test_learned_for_deadline_only_leaves_chat_to_the_fallback(data, tmp_path: P
     unseen = [r for r in rows if prompt_split(r.prompt_id) == "test"][:10]
     queries = [BoundQuery(f"q{i}", r.input_tokens, cls, r.dataset, MODEL, prompts[r.prompt_id])
                for i, r in enumerate(unseen) for cls in (SLOClass.LATENCY, SLOClass.DEADLINE)]
-    ladders = provider.ladders(queries)
-    assert all(ladder.initial == 777 for q, ladder in zip(queries, ladders) if q.slo_class is SLOClass.LATENCY)
-    assert any(ladder.initial != 777 for q, ladder in zip(queries, ladders) if q.slo_class is SLOClass.DEADLINE)
+    pairs = list(zip(queries, provider.ladders(queries), strict=True))
+    assert all(ladder.initial == 777 for q, ladder in pairs if q.slo_class is SLOClass.LATENCY)
+    assert any(ladder.initial != 777 for q, ladder in pairs if q.slo_class is SLOClass.DEADLINE)
 
 
 def test_learned_refuses_prompts_it_was_trained_on(data, tmp_path: Path) -> None:
