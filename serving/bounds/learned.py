@@ -33,6 +33,7 @@ from tempo.errors import TempoError
 
 CACHE = Path(".cache/learned")
 VERSION = "v1"  # bump when the training recipe changes
+TEXT_CLASSES = frozenset({SLOClass.LATENCY, SLOClass.DEADLINE})  # the classes learned bounds serve by default
 
 
 @dataclass
@@ -43,7 +44,7 @@ class LearnedProvider:
     model: LengthBoundModel
     fallback: BoundProvider
     seen_prompts: frozenset[str]
-    classes: frozenset[SLOClass] = frozenset({SLOClass.LATENCY, SLOClass.DEADLINE})
+    classes: frozenset[SLOClass] = TEXT_CLASSES
 
     def ladders(self, queries: Sequence[BoundQuery]) -> list[BoundLadder]:
         out = self.fallback.ladders(queries)

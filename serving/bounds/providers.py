@@ -194,16 +194,15 @@ def _oracle(ctx: ProviderContext) -> BoundProvider:
     return OracleProvider(ctx.truth)
 
 
-def _learned(ctx: ProviderContext, classes: frozenset[SLOClass] = frozenset({SLOClass.LATENCY, SLOClass.DEADLINE})
-             ) -> BoundProvider:
-    from tempo.serving.bounds.learned import LearnedProvider, fit_learned
+def _learned(ctx: ProviderContext, classes: frozenset[SLOClass] | None = None) -> BoundProvider:
+    from tempo.serving.bounds.learned import TEXT_CLASSES, LearnedProvider, fit_learned
 
     models = sorted({w.model for w in ctx.training if w.model})
     if not models:
         raise TempoError("the learned estimator needs training completions that name their served model")
     rows, prompts, _ = _sources()
     model, seen = fit_learned(rows, prompts, models, ctx.quantile)
-    return LearnedProvider(model, _empirical(ctx), seen, classes)
+    return LearnedProvider(model, _empirical(ctx), seen, classes or TEXT_CLASSES)
 
 
 def _learned_deadline(ctx: ProviderContext) -> BoundProvider:
