@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvicorn
 from tempo.serving.bench.calibrate import measure_engine
 
-from tests.conftest import free_port
+from tests.conftest import serve_asgi
 
 ITL_S, PREFILL_PER_TOKEN_S, CHUNK = 0.004, 0.0002, 4
 
@@ -55,20 +52,9 @@ class CoalescingEngine:
 
 @pytest.fixture
 def engine_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The stand-in behind a real HTTP server (httpx's ASGI transport would not stream); ``indirect``
-    parameter: how many long streams stall."""
-    port = free_port()
-    engine = CoalescingEngine(getattr(request, "param", 0))
-    server = uvicorn.Server(uvicorn.Config(engine, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "stand-in did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(5)
+    """The stand-in behind a real HTTP server; ``indirect`` parameter: how many long streams stall."""
+    with serve_asgi(CoalescingEngine(getattr(request, "param", 0))) as url:
+        yield url
 
 
 def test_calibration_reads_the_engine_through_coalesced_chunks_and_a_warm_cache(engine_url: str) -> None:

@@ -46,8 +46,11 @@ def test_requests_are_classified_by_what_the_client_saw() -> None:
     assert classify(seen("a", 200)) == "answered"
     assert classify(seen("b", 400, None)) == "4xx"
     assert classify(seen("c", 503, None)) == "5xx"
-    assert classify(seen("d", 200, None, "RemoteProtocolError: peer closed")) == "aborted"
-    assert classify(seen("e", None, None, "ConnectError: refused")) == "refused"
+    assert classify(seen("d", 200, None, "ClientPayloadError: peer closed")) == "aborted"
+    refused = seen("e", None, None, "ClientConnectorError: refused")
+    refused.connect_failed = True
+    assert classify(refused) == "refused"
+    assert classify(seen("f", None, None, "ServerDisconnectedError")) == "aborted"  # connected, then cut
 
 
 def test_the_ledger_finds_lost_and_duplicated_completions(redis_client: redis.Redis, redis_url: str) -> None:

@@ -8,10 +8,11 @@ import json
 import time
 from typing import Any
 
-import httpx
 from tempo.scheduler.goodput import account
 from tempo.serving.bench.engine_client import ReplayConfig, replay, request_body
 from tempo.serving.sim.testing import make_request
+
+from tests.conftest import free_port, serve_asgi
 
 
 class FakeServer:
@@ -54,8 +55,8 @@ def job(prefix: str, first_ids: tuple[str, str] = ("0.0", "0.1")) -> list[Any]:
 
 def run(workload: list[Any]) -> tuple[Any, FakeServer]:
     server = FakeServer()
-    config = ReplayConfig("http://fake", "m", transport=httpx.ASGITransport(app=server), start_delay_s=0.05)
-    return asyncio.run(replay(workload, config)), server
+    with serve_asgi(server) as url:
+        return asyncio.run(replay(workload, ReplayConfig(url, "m", start_delay_s=0.05))), server
 
 
 def test_stages_are_released_after_their_dependencies_and_times_are_the_clients() -> None:
@@ -89,11 +90,10 @@ def test_the_live_stop_switch_sends_nothing_more_and_lets_requests_in_flight_fin
 
     workload = [make_request(f"r{i}", "deadline", arrival_s=0.05 * i, output_tokens=20) for i in range(200)]
     live = LiveReplay()
-    config = ReplayConfig("http://fake", "m", transport=httpx.ASGITransport(app=FakeServer()), start_delay_s=0.0,
-                          live=live)
-    threading.Timer(0.3, live.stop.set).start()
-    started = time.monotonic()
-    result = asyncio.run(replay(workload, config))
+    with serve_asgi(FakeServer()) as url:
+        threading.Timer(0.3, live.stop.set).start()
+        started = time.monotonic()
+        result = asyncio.run(replay(workload, ReplayConfig(url, "m", start_delay_s=0.0, live=live)))
     assert time.monotonic() - started < 2.0  # not the 10 s of arrivals
     sent = [o for o in live.observed.values() if o.sent_s is not None]
     assert 3 <= len(sent) <= 12 and live.t0 is not None
@@ -108,3 +108,24 @@ def test_forced_lengths_with_text_go_to_the_chat_route_with_ignore_eos() -> None
     no_text = request_body(make_request("d", "deadline", output_tokens=7),
                            ReplayConfig("u", "m", forced_with_text=True))
     assert "prompt" in no_text and no_text["max_tokens"] == 7
+
+
+def test_a_server_that_is_not_listening_is_a_failed_connection_not_an_answer() -> None:
+    result = asyncio.run(replay([make_request("r", "deadline", arrival_s=0.0, output_tokens=3)],
+                                ReplayConfig(f"http://127.0.0.1:{free_port()}", "m", start_delay_s=0.0)))
+    seen = result.observed["r"]
+    assert seen.connect_failed and seen.status is None and seen.error and result.errors == 1
+    assert not result.outcomes[0].finished
+
+
+def test_a_malformed_stream_is_an_error_of_that_request_not_of_the_replay() -> None:
+    async def garbage(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: {not json\n\n"})
+
+    with serve_asgi(garbage) as url:
+        result = asyncio.run(replay([make_request("r", "deadline", arrival_s=0.0, output_tokens=3)],
+                                    ReplayConfig(url, "m", start_delay_s=0.0)))
+    seen = result.observed["r"]
+    assert seen.error and not seen.connect_failed and not result.outcomes[0].finished

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 from tempo.scheduler.goodput import RequestOutcome
 from tempo.serving.workloads.format import WorkloadRequest
 
@@ -46,8 +46,8 @@ class ReplayConfig:
     request_timeout_s: float = 3600.0
     start_delay_s: float = 0.5
     stop_at_s: float | None = None  # cancel whatever is still running this long after the start (measurements)
-    transport: Any = None  # an httpx transport (tests: an ASGI app standing in for the server)
     live: LiveReplay | None = None  # another thread's view of a replay in progress, and its stop switch
+    max_connections: int = 4096
 
 
 @dataclass
@@ -74,6 +74,7 @@ class Observed:
     ended_s: float | None = None  # when the answer ended (finished, refused, failed or cut)
     reason: str | None = None  # a refusal's x-tempo-request-dropped-reason
     error: str | None = None
+    connect_failed: bool = False  # no connection could be made (the server is down or not listening)
     text: str = ""
     prompt_tokens: int = 0  # as the server counted them (usage), else as sent
     late_s: float | None = None  # how late the client's loop sent it (after its arrival or its stage's release)
@@ -128,7 +129,7 @@ def request_body(w: WorkloadRequest, config: ReplayConfig) -> dict[str, Any]:
     return body
 
 
-async def _send(http: httpx.AsyncClient, w: WorkloadRequest, config: ReplayConfig, t0: float,
+async def _send(http: aiohttp.ClientSession, w: WorkloadRequest, config: ReplayConfig, t0: float,
                 seen: Observed) -> Observed:
     """Stream one request, filling ``seen`` as tokens arrive (a cancelled replay keeps what came)."""
     body = request_body(w, config)
@@ -137,17 +138,17 @@ async def _send(http: httpx.AsyncClient, w: WorkloadRequest, config: ReplayConfi
     seen.prompt_tokens = w.prompt_tokens if chat else len(body["prompt"])
     count = 0
     try:
-        async with http.stream("POST", "/v1/chat/completions" if chat else "/v1/completions", json=body,
-                               headers={"X-Request-Id": w.id}) as response:
-            seen.status = response.status_code
+        async with http.post("/v1/chat/completions" if chat else "/v1/completions", json=body,
+                             headers={"X-Request-Id": w.id}) as response:
+            seen.status = response.status
             seen.status_s = time.monotonic() - t0
-            if response.status_code != 200:
+            if response.status != 200:
                 seen.reason = response.headers.get("x-tempo-request-dropped-reason")
-                seen.error = (await response.aread()).decode(errors="replace")[:300]
+                seen.error = (await response.read()).decode(errors="replace")[:300]
                 seen.ended_s = time.monotonic() - t0
                 return seen
-            async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
+            async for line in response.content:
+                if not line.startswith(b"data: {"):
                     continue
                 now = time.monotonic() - t0
                 chunk = json.loads(line[6:])
@@ -162,7 +163,10 @@ async def _send(http: httpx.AsyncClient, w: WorkloadRequest, config: ReplayConfi
                 if total > count:
                     seen.token_times_s.extend([now] * (total - count))
                     count = total
-    except httpx.HTTPError as exc:
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        seen.connect_failed = True
+        seen.error = f"{type(exc).__name__}: {exc}"[:300]
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: a malformed stream
         seen.error = f"{type(exc).__name__}: {exc}"[:300]
     seen.ended_s = time.monotonic() - t0
     return seen
@@ -180,11 +184,11 @@ async def replay(workload: Sequence[WorkloadRequest], config: ReplayConfig,
     observed: dict[str, Observed] = {} if config.live is None else config.live.observed
     failed_jobs: set[str] = set()
     released: dict[str, float] = {}
-    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
-    timeout = httpx.Timeout(config.request_timeout_s, connect=30.0)
+    connector = aiohttp.TCPConnector(limit=config.max_connections)
+    timeout = aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=30.0)
     started = time.perf_counter()
-    async with httpx.AsyncClient(base_url=config.url, limits=limits, timeout=timeout,
-                                 transport=config.transport) as http:
+    async with aiohttp.ClientSession(config.url, connector=connector, timeout=timeout,
+                                     read_bufsize=2**20) as http:
         t0 = time.monotonic() + config.start_delay_s
         live = config.live
         if live is not None:
@@ -280,8 +284,9 @@ def _result(workload: Sequence[WorkloadRequest], observed: dict[str, Observed], 
 
 async def scrape_metrics(url: str) -> dict[str, float]:
     """Tempo's and vLLM's counters from ``/metrics``, summed over labels by name (and kept by label)."""
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-        text = (await http.get("/metrics")).text
+    async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=10)) as http, \
+            http.get("/metrics") as response:
+        text = await response.text()
     out: dict[str, float] = defaultdict(float)
     for line in text.splitlines():
         if not line or line.startswith("#"):

@@ -149,7 +149,7 @@ def classify(o: Any) -> str:
         return "5xx"
     if o.status is not None and o.status >= 400:
         return "4xx"
-    if o.status is None and o.error and o.error.startswith(("ConnectError", "ConnectTimeout")):
+    if o.status is None and o.connect_failed:
         return "refused"
     return "aborted"
 
