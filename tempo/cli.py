@@ -104,6 +104,8 @@ def soak(
     engine_nice: Annotated[int, typer.Option(help="Niceness (0-19) of vLLM's engine processes: above 0, the load "
                                              "generator and the API server run ahead of the engine when they "
                                              "share its cores.")] = 0,
+    freeze_gc: Annotated[bool, typer.Option(help="tempo serve's --freeze-gc/--no-freeze-gc (the report's "
+                                            "gc_pauses: the API server's collections).")] = True,
 ) -> None:
     """Steady mixed load on the whole stack for --duration seconds (or far past saturation with --load 4):
     resident memory of tempo serve and the estimator, Redis memory, p99 latency and attainment over time;
@@ -113,10 +115,10 @@ def soak(
 
     console = make_console()
     config = SoakConfig(duration, load, rps, interval, model, policy, max_in_flight, kv_cache_gib, stream_maxlen,
-                        dedupe_ttl, seed, out, engine_nice)
+                        dedupe_ttl, seed, out, engine_nice, freeze_gc)
     report = run_soak(config, console)
     summary = {k: report[k] for k in ("server", "config", "requests", "refusals", "load_generator", "rejections",
-                                      "admitted", "memory")}
+                                      "admitted", "memory", "gc_pauses")}
     console.print_json(json.dumps(summary))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -283,10 +283,15 @@ def _result(workload: Sequence[WorkloadRequest], observed: dict[str, Observed], 
 
 
 async def scrape_metrics(url: str) -> dict[str, float]:
-    """Tempo's and vLLM's counters from ``/metrics``, summed over labels by name (and kept by label)."""
+    """Tempo's and vLLM's counters from ``/metrics`` (``parse_metrics``)."""
     async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=10)) as http, \
             http.get("/metrics") as response:
-        text = await response.text()
+        return parse_metrics(await response.text())
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Tempo's and vLLM's series of a Prometheus text exposition, summed over labels by name (and kept by
+    label)."""
     out: dict[str, float] = defaultdict(float)
     for line in text.splitlines():
         if not line or line.startswith("#"):

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class SoakConfig:
     # a positive value keeps the client and the API server ahead of the engine, as separate client machines
     # and a front end on cores of its own would
     engine_nice: int = 0
+    freeze_gc: bool = True  # tempo serve's --freeze-gc (off: the API server's collections traverse its whole heap)
 
     def validate(self) -> None:
         if self.duration_s <= 0 or self.interval_s <= 0 or self.load <= 0 or (self.rps is not None and self.rps <= 0):
@@ -178,7 +180,7 @@ def per_interval(outcomes: list[Any], interval_s: float) -> list[dict[str, Any]]
 def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from tempo.scheduler.goodput import account
-    from tempo.serving.bench.engine_client import LiveReplay, ReplayConfig, replay
+    from tempo.serving.bench.engine_client import LiveReplay, ReplayConfig, replay, scrape_metrics
     from tempo.serving.chaos.run import chaos_workload
     from tempo.serving.vllm.config import ServeConfig
     from tempo.serving.vllm.launch import ManagedServer
@@ -203,7 +205,8 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
         server = stack.add(ManagedServer(["--model", config.model, "--policy", config.policy, "--redis-url",
                                           redis.url, "--estimator-url", estimator.url, "--max-in-flight",
                                           str(config.max_in_flight), "--kv-cache-gib", str(config.kv_cache_gib),
-                                          *[a for option, _, value in retention for a in (option, str(value))]],
+                                          *[a for option, _, value in retention for a in (option, str(value))],
+                                          *([] if config.freeze_gc else ["--no-freeze-gc"])],
                                          logs / "serve.log"))
         server.start()
         if config.engine_nice and not renice_descendants(server.process.pid, config.engine_nice):
@@ -247,6 +250,7 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
             loader.join(1.0)
         sampler.done.set()
         sampler.sample()
+        pauses = gc_pauses(asyncio.run(scrape_metrics(server.url))) if server.process.poll() is None else None
         prober.terminate()
         prober.wait(40)
     replayed = result["replay"]
@@ -262,7 +266,8 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
                    "interval_s": config.interval_s, "model": config.model, "policy": config.policy,
                    "max_in_flight": config.max_in_flight, "kv_cache_gib": config.kv_cache_gib,
                    "stream_maxlen": config.stream_maxlen,
-                   "dedupe_ttl_s": config.dedupe_ttl_s, "seed": config.seed, "engine_nice": config.engine_nice},
+                   "dedupe_ttl_s": config.dedupe_ttl_s, "seed": config.seed, "engine_nice": config.engine_nice,
+                   "freeze_gc": config.freeze_gc},
         "calibration": {"slo": slo, "saturation_rps": saturation},
         "requests": {"sent": len(observed),
                      "answered": sum(1 for o in observed if o.finish_reason in ("stop", "length")),
@@ -283,9 +288,26 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
         "admitted": {"attainment": {c: r["attainment"] for c, r in overall["per_class"].items()},
                      "token_goodput": overall["token_goodput"], "request_goodput": overall["request_goodput"]},
         "memory": memory_summary(samples),
+        "gc_pauses": pauses,  # the API server's (None: it had exited)
         "samples": samples,
         "intervals": per_interval(replayed.outcomes, config.interval_s),
     }
+
+
+def gc_pauses(metrics: dict[str, float], name: str = "tempo_gc_pause_seconds") -> dict[str, dict[str, float]]:
+    """Per generation, from a ``/metrics`` scrape (``scrape_metrics``): collections, seconds in them, and how
+    many took longer than 0.1 s (the refusal target) and 0.5 s."""
+    series: dict[str, dict[str, float]] = defaultdict(dict)  # generation -> {count | sum | le: value}
+    for key, value in metrics.items():
+        metric, _, labels = key.partition("{")
+        if not labels or not metric.startswith(name):
+            continue
+        fields = dict(part.split("=", 1) for part in labels.rstrip("}").split(","))
+        generation = fields["generation"].strip('"')
+        series[generation][fields["le"].strip('"') if "le" in fields else metric.rsplit("_", 1)[1]] = value
+    return {generation: {"collections": v["count"], "seconds": round(v["sum"], 3),
+                         "over_100ms": v["count"] - v["0.1"], "over_500ms": v["count"] - v["0.5"]}
+            for generation, v in sorted(series.items())}
 
 
 def server_outcome(returncode: int | None, exit_s: float | None, log: Path, lines: int = 40) -> dict[str, Any]:

@@ -55,6 +55,7 @@ class ServeConfig(BaseModel):
     job_reserve: float = Field(0.25, ge=0, lt=1)  # share of max_in_flight only calls of admitted jobs may use
     max_body_bytes: int = Field(4 << 20, ge=1024)
     max_prompt_chars: int = Field(200_000, ge=1)
+    freeze_gc: bool = True  # freeze the API server's start-up heap: full collections stop its loop (gc_pauses)
 
     # completion records (engine core)
     served_model: str = "default"  # the model name completion records carry

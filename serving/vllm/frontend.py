@@ -32,6 +32,7 @@ from typing import Any
 
 from tempo.scheduler.bounds import BoundLadder, BoundQuery
 from tempo.scheduler.slo import SLOClass
+from tempo.serving.vllm import gc_pauses
 from tempo.serving.vllm.admission import QUEUE_FULL, JobAdmission
 from tempo.serving.vllm.config import ServeConfig
 from tempo.serving.vllm.slo_fields import (
@@ -114,6 +115,8 @@ class SLOMiddleware:
         self._bounds: Any = None
         self._client: Any = None
         self._metrics: Any = None
+        # Starlette builds its middleware at the first ASGI call (the lifespan start-up): the engine is up
+        gc_pauses.install(freeze=self.config.freeze_gc)
 
     # -- lazily built (heavy imports, event-loop bound clients) --------------------------------------
     @property
@@ -146,6 +149,8 @@ class SLOMiddleware:
 
     # -- ASGI ------------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if gc_pauses.pending():  # pauses timed since the last request (a /metrics scrape sees them all)
+            gc_pauses.drain(self.metrics.gc_pause_seconds)
         if scope.get("type") == "http" and scope.get("path") not in SERVED_PATHS:
             await _error(send, RequestRefused(404, f"tempo serve does not serve {str(scope.get('path'))[:200]}",
                                               "NotFoundError"))

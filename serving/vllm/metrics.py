@@ -88,6 +88,9 @@ class FrontendMetrics:
                                           buckets=(5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2))
         self.refused = Counter("tempo_refused", "Requests refused before any work, by reason.", ["reason"])
         self.bad_requests = Counter("tempo_bad_requests", "Requests answered 400 for bad SLO fields.")
+        self.gc_pause_seconds = Histogram("tempo_gc_pause_seconds", "The API server's garbage-collector pauses "
+                                          "(its event loop stands still), by generation.", ["generation"],
+                                          buckets=(1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 
 
 @lru_cache(maxsize=1)

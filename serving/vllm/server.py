@@ -108,6 +108,9 @@ def serve_command(
     kv_cache_gib: Annotated[int, typer.Option(help="CPU builds: KV cache size (VLLM_CPU_KVCACHE_SPACE), "
                                               "unless already set.")] = 4,
     store_prompt_text: Annotated[bool, typer.Option(help="Keep prompt text in completion records.")] = False,
+    freeze_gc: Annotated[bool, typer.Option(help="Freeze the API server's start-up heap so that garbage "
+                                            "collections traverse only what came after (vLLM does so in its "
+                                            "engine core); tempo_gc_pause_seconds shows the pauses.")] = True,
     stream_maxlen: Annotated[int | None, typer.Option(help="Completion records the Redis stream keeps (older "
                                                       f"ones are trimmed; default {STREAM_MAXLEN:,}).")] = None,
     dedupe_ttl: Annotated[int | None, typer.Option(help="Seconds a request id stays recorded against duplicates "
@@ -135,7 +138,7 @@ def serve_command(
         default_ttft_s=default_ttft, default_tbt_s=default_tbt, default_deadline_s=default_deadline,
         default_job_deadline_s=default_job_deadline, max_in_flight=max_in_flight, job_reserve=job_reserve,
         local_bounds=bounds, quantile=quantile, profile=profile, step_slots=step_slots, served_model=served_name,
-        store_prompt_text=store_prompt_text, stream_maxlen=stream_maxlen, dedupe_ttl_s=dedupe_ttl)
+        store_prompt_text=store_prompt_text, freeze_gc=freeze_gc, stream_maxlen=stream_maxlen, dedupe_ttl_s=dedupe_ttl)
     raise typer.Exit(run_vllm(vllm_command(model_path, served_name, host, port, extra), config, kv_cache_gib))
 
 
