@@ -8,7 +8,9 @@ fallback the per-app median, ``JobProfile`` at q = 0.5, so a median is compared 
 of the bound (the calibrated q-quantile; ``JobProfile`` at q) and how far the bound overshoots, for the
 critical-path decode tokens, the total tokens and the stages after s. Then match latency with 100, 500 and
 2,000 stored graphs and the store's memory over a stream of 10x its capacity in jobs; graphs beyond the
-file's training jobs are resampled from them with lognormal token noise (the output says how many).
+file's training jobs are resampled from them with lognormal token noise (the output says how many). And
+``predictability``: general regressors fitted on the same attributes, to tell a matcher that misses what is
+there from a file whose early stages do not carry it.
 """
 
 from __future__ import annotations
@@ -178,6 +180,78 @@ def accuracy(store: GraphStore, fallback: _Fallback, test: Sequence[Job]) -> dic
     return {"per_stage": report, "coverage_all_stages": coverage}
 
 
+MIN_JOBS_PREDICTABILITY = 20  # training jobs that reached a stage, per learner fit
+
+
+def _known_at(graph: Graph, stage: int) -> list[float]:
+    """What a job shows when stage ``stage`` is released: per finished stage the kernel's attributes (fan-out,
+    longest and total output, longest and total prompt), then the current stage's fan-out and prompts; logs."""
+    features: list[float] = []
+    for calls in graph[:stage]:
+        outputs, prompts = [o for _, o in calls], [p for p, _ in calls]
+        features += [len(calls), max(outputs), sum(outputs), max(prompts), sum(prompts)]
+    prompts = [p for p, _ in graph[stage]]
+    features += [len(prompts), max(prompts), sum(prompts)]
+    return list(np.log1p(features))
+
+
+def predictability(train: Sequence[Job], test: Sequence[Job], fallback: _Fallback,
+                   target: str = "decode_tokens_after") -> dict[str, Any]:
+    """How much of ``target`` after each stage the attributes known then can predict at all, whatever the
+    method: general regressors fitted on the training jobs that reached the stage (gradient boosting and
+    a linear median regression on ``_known_at`` plus the app; k nearest neighbours within the app) against
+    the per-app median, as the mean absolute error ratio on the held-out jobs (the graph store's is the
+    ``error_ratio_mean`` of ``per_stage``). ``true_stages`` is the per-app median of training jobs with the
+    job's true stage count: what knowing only how deep the job goes would give. A stage with fewer than
+    ``MIN_JOBS_PREDICTABILITY`` training jobs is left out."""
+    from sklearn.ensemble import GradientBoostingRegressor
+    from sklearn.linear_model import QuantileRegressor
+    from sklearn.neighbors import KNeighborsRegressor
+
+    index = FIELDS.index(target)
+    apps = sorted({job.app for job in train})
+    out: dict[str, Any] = {}
+    for stage in range(max(len(job.graph) for job in train)):
+        def rows(jobs: Sequence[Job], s: int = stage) -> tuple[list[Job], FloatArray, FloatArray]:
+            kept = [job for job in jobs if len(job.graph) > s]
+            x = np.array([[*_known_at(j.graph, s), *(float(j.app == a) for a in apps)] for j in kept])
+            y = np.array([remaining_after(j.graph)[0][s, index] for j in kept])
+            return kept, x.reshape(len(kept), -1), y
+
+        fit_jobs, x_fit, y_fit = rows(train)
+        held, x_held, y_held = rows(test)
+        if len(fit_jobs) < MIN_JOBS_PREDICTABILITY or not held:
+            continue
+        baseline = np.array([fallback.estimate(job.app, stage)[0][target] for job in held])
+        base_error = float(np.abs(baseline - y_held).mean())
+        predictions: dict[str, FloatArray] = {}
+        for name, learner in (
+                ("gradient_boosting", GradientBoostingRegressor(loss="absolute_error", n_estimators=200,
+                                                                max_depth=2, learning_rate=0.05, random_state=0)),
+                ("linear_median", QuantileRegressor(quantile=0.5, alpha=0.0, solver="highs"))):
+            predictions[name] = learner.fit(x_fit, y_fit).predict(x_held)
+        knn = np.empty(len(held))
+        for app in {job.app for job in held}:
+            mine = np.array([job.app == app for job in held])
+            theirs = np.array([job.app == app for job in fit_jobs])
+            if theirs.sum() == 0:
+                knn[mine] = baseline[mine]
+                continue
+            model = KNeighborsRegressor(min(25, int(theirs.sum()))).fit(x_fit[theirs], y_fit[theirs])
+            knn[mine] = model.predict(x_held[mine])
+        predictions["nearest_neighbours"] = knn
+        depth = [len(job.graph) for job in fit_jobs]
+        predictions["true_stages"] = np.array([
+            np.median([y for y, j, d in zip(y_fit, fit_jobs, depth, strict=True)
+                       if j.app == job.app and d == len(job.graph)] or [b])
+            for job, b in zip(held, baseline, strict=True)])
+        out[str(stage)] = {"jobs_train": len(fit_jobs), "jobs_test": len(held),
+                           "per_app_median_error_mean": round(base_error, 2),
+                           "error_ratio_mean": {name: _ratio(float(np.abs(p - y_held).mean()), base_error)
+                                                for name, p in predictions.items()}}
+    return out
+
+
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 4) if b > 0 else None
 
@@ -295,7 +369,9 @@ def evaluate(path: Path, train_frac: float = 0.5, seed: int = 0, quantile: float
             "coverage": "fraction of held-out (job, stage) with true remaining <= bound",
         },
     }
-    report.update(accuracy(store, _Fallback(train, quantile), test))
+    fallback = _Fallback(train, quantile)
+    report.update(accuracy(store, fallback, test))
+    report["predictability"] = predictability(train, test, fallback)
     report["latency"] = latency(train, test, latency_sizes, quantile, seed)
     report["latency_note"] = (f"stores beyond the {len(train)} training jobs are filled with training jobs "
                               f"resampled with lognormal(0, {NOISE_SIGMA}) token noise; {QUERIES} timed outlooks "
@@ -326,6 +402,20 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                           "-" if ratio is None else f"{ratio:.2f}",
                           f"{g['bound_coverage']:.3f}", f"{f['bound_coverage']:.3f}")
         console.print(table)
+    if report.get("predictability"):
+        table = Table(title="what the attributes known at stage s can predict: critical-path decode tokens after "
+                            "s, mean |error| / the per-app median's",
+                      caption="general regressors on the same attributes; 'true stages': the per-app median of "
+                              "jobs as deep as the job (an oracle of depth alone)")
+        learners = ("gradient_boosting", "linear_median", "nearest_neighbours", "true_stages")
+        for column in ("s", "jobs", "graph store", *(n.replace("_", " ") for n in learners)):
+            table.add_column(column, justify="right")
+        for stage, entry in report["predictability"].items():
+            graph = report["per_stage"][stage]["decode_tokens_after"]["error_ratio_mean"]
+            ratios = [entry["error_ratio_mean"][n] for n in learners]
+            table.add_row(stage, str(entry["jobs_test"]),
+                          *("-" if r is None else f"{r:.2f}" for r in (graph, *ratios)))
+        console.print(table)
     coverage = report["coverage_all_stages"]
     console.print("coverage over all stages (graph / fallback): " + ", ".join(
         f"{titles[name]} {coverage['graph'][name]:.3f} / {coverage['profile'][name]:.3f}" for name in REPORTED))
@@ -349,7 +439,8 @@ EVAL_GRAPHS_HELP = (
     "stages. Reports per stage the p50 / p90 absolute error of the point estimate (weighted median of the "
     "matches; per-app median for the fallback), the coverage of the bound (calibrated q-quantile; JobProfile "
     "at q), match latency p50 / p99 with 100, 500 and 2,000 stored graphs and memory over a stream of 10x "
-    "capacity jobs (resampled from the training jobs where the file has fewer)."
+    "capacity jobs (resampled from the training jobs where the file has fewer), and what general regressors "
+    "on the same attributes predict (is there more to get from them?)."
 )
 
 

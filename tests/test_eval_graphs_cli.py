@@ -83,6 +83,9 @@ def test_eval_graphs_on_other_shapes_and_unseen_apps(tmp_path: Path, capsys: pyt
                 assert entry[name][method]["point_abs_error"]["p90"] >= entry[name][method]["point_abs_error"]["p50"]
     # after the first answer, the chain length is known to the matcher, not to the per-app quantiles
     assert stages["1"]["decode_tokens_after"]["error_ratio_p50"] < 0.75
+    # general regressors see the same: the first answer tells a long chain from a short one
+    assert report["predictability"]["1"]["error_ratio_mean"]["gradient_boosting"] < 0.75
+    assert "what the attributes known at stage s can predict" in stdout
     assert set(report["latency"]) == {"20", "200"}
     assert report["latency"]["200"]["stored"] == 200 and report["latency"]["200"]["resampled"] > 0
     memory = report["memory"]
@@ -130,3 +133,20 @@ def test_bad_options_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureF
                           (["--data", str(data), "--latency-sizes", "a,b"], "--latency-sizes")):
         code, _, stderr = run([*FAST, *args], capsys)
         assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
+
+
+def test_predictability_tells_a_file_whose_early_stages_carry_no_information(tmp_path: Path) -> None:
+    """Depth drawn independently of every attribute: no regressor beats the per-app median after stage 1,
+    while knowing the depth would."""
+    from tempo.models.eval_graphs import _Fallback, load_jobs, predictability, split_jobs
+
+    rng = np.random.default_rng(3)
+    items = [workflow(i, [[(200, _ln(rng, 100))]] + [[(_ln(rng, 300), _ln(rng, 200))]
+                                                     for _ in range(int(rng.integers(2, 9)))], None)
+             for i in range(300)]
+    path = tmp_path / "random_depth.json"
+    path.write_text(json.dumps(items))
+    train, test = split_jobs(load_jobs(path), 0.5, 0)
+    ratios = predictability(train, test, _Fallback(train, 0.9))["1"]["error_ratio_mean"]
+    assert min(ratios[n] for n in ("gradient_boosting", "linear_median", "nearest_neighbours")) > 0.85, ratios
+    assert ratios["true_stages"] < 0.6, ratios
