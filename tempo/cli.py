@@ -106,6 +106,14 @@ def soak(
                                              "share its cores.")] = 0,
     freeze_gc: Annotated[bool, typer.Option(help="tempo serve's --freeze-gc/--no-freeze-gc (the report's "
                                             "gc_pauses: the API server's collections).")] = True,
+    alternate_load: Annotated[float | None, typer.Option(help="Alternate blocks of --load and this load in one "
+                                                         "run (the report's 'alternating': admitted work per "
+                                                         "load, paired block by block, so that a host that "
+                                                         "slows down or speeds up weighs on both alike).",
+                                                         min=0.01)] = None,
+    block: Annotated[float, typer.Option(help="--alternate-load: seconds per block.", min=1)] = 60.0,
+    settle: Annotated[float, typer.Option(help="--alternate-load: seconds at the start of each block left out "
+                                          "(the previous block's queue drains).", min=0)] = 10.0,
 ) -> None:
     """Steady mixed load on the whole stack for --duration seconds (or far past saturation with --load 4):
     resident memory of tempo serve and the estimator, Redis memory, p99 latency and attainment over time;
@@ -115,10 +123,10 @@ def soak(
 
     console = make_console()
     config = SoakConfig(duration, load, rps, interval, model, policy, max_in_flight, kv_cache_gib, stream_maxlen,
-                        dedupe_ttl, seed, out, engine_nice, freeze_gc)
+                        dedupe_ttl, seed, out, engine_nice, freeze_gc, alternate_load, block, settle)
     report = run_soak(config, console)
     summary = {k: report[k] for k in ("server", "config", "requests", "refusals", "load_generator", "rejections",
-                                      "admitted", "memory", "gc_pauses")}
+                                      "admitted", "memory", "gc_pauses", "alternating")}
     console.print_json(json.dumps(summary))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -48,3 +48,47 @@ def test_a_server_that_exits_during_the_load_is_reported_with_its_log_tail(tmp_p
     assert got["exited_during_load"] and got["exit_s"] == 305.2 and got["returncode"] == 1
     assert got["log_tail"] == ["line 98", "line 99", "RuntimeError: the engine core died"]
     assert server_outcome(-15, None, log) == {"exited_during_load": False}  # stopped by the soak at the end
+
+
+SLO = {"ttft_s": 0.05, "tbt_s": 0.01, "deadline_s": 3.0, "stage_deadline_s": 0.7}
+
+
+def test_alternating_blocks_carry_their_rate_and_their_own_ids() -> None:
+    from tempo.serving.chaos.soak import alternating_workload
+
+    workload, blocks = alternating_workload((2.0, 8.0), 30.0, 120.0, 0, SLO)
+    ids = {w.id for w in workload}
+    assert len(ids) == len(workload) == len(blocks)
+    assert all(d in ids for w in workload for d in w.depends_on)  # a job's calls stay one job
+    first = {}
+    for w in workload:
+        block, offset = blocks[w.id]
+        assert w.id.startswith(f"b{block}.") and w.arrival_s == pytest.approx(30.0 * block + offset)
+        if w.job_id is None or not w.depends_on:
+            first.setdefault(block, 0)
+            first[block] += 1
+    assert sorted(first) == [0, 1, 2, 3]
+    assert min(first[1], first[3]) > 2 * max(first[0], first[2])  # arrivals at 8/s against 2/s
+
+
+def test_paired_loads_compare_neighbouring_blocks_and_leave_out_the_settling_seconds() -> None:
+    from tempo.scheduler.goodput import RequestOutcome
+    from tempo.serving.chaos.soak import paired_loads
+    from tempo.serving.sim.testing import make_request
+
+    outcomes, blocks = [], {}
+    for block in range(4):
+        for i in range(10):
+            offset = 1.0 + i * 5.0  # two of ten in the settling seconds
+            met = i < (8 if block % 2 == 0 else 6)  # the second load meets fewer
+            w = make_request(f"b{block}.{i}", "deadline", arrival_s=block * 60 + offset, output_tokens=2)
+            end = w.arrival_s + (1.0 if met else 30.0)  # the deadline: 20 s
+            outcomes.append(RequestOutcome(request_id=w.id, slo=w.slo(), arrival_s=w.arrival_s, prompt_tokens=10,
+                                           token_times_s=(end - 0.1, end), finished=True))
+            blocks[w.id] = (block, offset)
+    report = paired_loads(outcomes, blocks, (2.0, 4.0), 60.0, 10.0)
+    assert report["pairs"] == 2 and report["per_load"]["2x"]["blocks"] == 2
+    assert report["per_load"]["2x"]["attainment"]["deadline"] == pytest.approx(6 / 8)  # i = 2..7 of 2..9
+    assert report["per_load"]["4x"]["attainment"]["deadline"] == pytest.approx(4 / 8)
+    assert report["difference_median"]["deadline"] == pytest.approx(-0.25)
+    assert report["difference_median"]["latency"] is None

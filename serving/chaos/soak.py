@@ -54,6 +54,11 @@ class SoakConfig:
     # and a front end on cores of its own would
     engine_nice: int = 0
     freeze_gc: bool = True  # tempo serve's --freeze-gc (off: the API server's collections traverse its whole heap)
+    # paired loads: blocks of block_s alternate between load and alternate_load in one run, so that a slower
+    # or faster host (this machine's engine speed drifts by 2x between runs) weighs on both alike
+    alternate_load: float | None = None
+    block_s: float = 60.0
+    settle_s: float = 10.0  # the first seconds of each block are left out (the previous block's queue drains)
 
     def validate(self) -> None:
         if self.duration_s <= 0 or self.interval_s <= 0 or self.load <= 0 or (self.rps is not None and self.rps <= 0):
@@ -62,6 +67,10 @@ class SoakConfig:
             raise TempoError("--max-in-flight must be >= 1")
         if not 0 <= self.engine_nice <= 19:
             raise TempoError("--engine-nice must be in 0..19")
+        if self.alternate_load is not None and (self.alternate_load <= 0 or self.rps is not None):
+            raise TempoError("--alternate-load must be > 0, and goes with --load, not --rps")
+        if not 0 <= self.settle_s < self.block_s:
+            raise TempoError("--settle must be >= 0 and below --block")
 
 
 def renice_descendants(pid: int, nice: int, name_prefix: str = "VLLM::") -> list[str]:
@@ -220,8 +229,15 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
         slo = calibration["slo"]
         saturation = float(calibration["saturation"]["rps"])
         rps = config.rps or round(config.load * saturation, 3)
-        workload = chaos_workload(rps, config.duration_s, config.seed, ttft_s=slo["ttft_s"], tbt_s=slo["tbt_s"],
-                                  deadline_s=slo["deadline_s"], stage_deadline_s=slo["stage_deadline_s"])
+        slo_fields = {"ttft_s": slo["ttft_s"], "tbt_s": slo["tbt_s"], "deadline_s": slo["deadline_s"],
+                      "stage_deadline_s": slo["stage_deadline_s"]}
+        if config.alternate_load is None:
+            workload = chaos_workload(rps, config.duration_s, config.seed, **slo_fields)
+            blocks: dict[str, tuple[int, float]] = {}
+        else:
+            rates = (rps, round(config.alternate_load * saturation, 3))
+            workload, blocks = alternating_workload(rates, config.block_s, config.duration_s, config.seed,
+                                                    slo_fields)
         live = LiveReplay()
         sampler = Sampler(config.interval_s, server.process.pid, estimator.process.pid, redis.url, live)
         probe_log = config.out / "probe.jsonl"
@@ -267,7 +283,8 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
                    "max_in_flight": config.max_in_flight, "kv_cache_gib": config.kv_cache_gib,
                    "stream_maxlen": config.stream_maxlen,
                    "dedupe_ttl_s": config.dedupe_ttl_s, "seed": config.seed, "engine_nice": config.engine_nice,
-                   "freeze_gc": config.freeze_gc},
+                   "freeze_gc": config.freeze_gc, "alternate_load": config.alternate_load,
+                   "block_s": config.block_s, "settle_s": config.settle_s},
         "calibration": {"slo": slo, "saturation_rps": saturation},
         "requests": {"sent": len(observed),
                      "answered": sum(1 for o in observed if o.finish_reason in ("stop", "length")),
@@ -289,6 +306,8 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
                      "token_goodput": overall["token_goodput"], "request_goodput": overall["request_goodput"]},
         "memory": memory_summary(samples),
         "gc_pauses": pauses,  # the API server's (None: it had exited)
+        "alternating": None if config.alternate_load is None else paired_loads(
+            admitted, blocks, (config.load, config.alternate_load), config.block_s, config.settle_s),
         "samples": samples,
         "intervals": per_interval(replayed.outcomes, config.interval_s),
     }
@@ -317,6 +336,62 @@ def server_outcome(returncode: int | None, exit_s: float | None, log: Path, line
         return {"exited_during_load": False}
     tail = log.read_text(errors="replace").splitlines()[-lines:] if log.is_file() else []
     return {"exited_during_load": True, "exit_s": exit_s, "returncode": returncode, "log": str(log), "log_tail": tail}
+
+
+def alternating_workload(rates: tuple[float, float], block_s: float, duration_s: float, seed: int,
+                         slo: dict[str, float]) -> tuple[list[Any], dict[str, tuple[int, float]]]:
+    """Blocks of ``block_s`` whose arrival rate alternates between ``rates``; each block its own seeded
+    workload, its ids prefixed ``b<k>.``. Also ``{request id: (block, seconds into the block of the request's
+    arrival, a compound call's job's)}``."""
+    from tempo.serving.chaos.run import chaos_workload
+
+    workload: list[Any] = []
+    blocks: dict[str, tuple[int, float]] = {}
+    for k in range(max(1, round(duration_s / block_s))):
+        def renamed(name: str, k: int = k) -> str:
+            return f"b{k}.{name}"
+
+        for w in chaos_workload(rates[k % 2], block_s, seed + k, **slo):
+            moved = w.model_copy(update={
+                "id": renamed(w.id), "arrival_s": w.arrival_s + k * block_s,
+                "job_id": None if w.job_id is None else renamed(w.job_id),
+                "depends_on": [renamed(d) for d in w.depends_on]})
+            workload.append(moved)
+            blocks[moved.id] = (k, w.arrival_s)
+    return workload, blocks
+
+
+def paired_loads(admitted: list[Any], blocks: dict[str, tuple[int, float]], loads: tuple[float, float],
+                 block_s: float, settle_s: float) -> dict[str, Any]:
+    """Admitted work per load of an alternating run (requests that arrived in a block's first ``settle_s``
+    left out), and per pair of neighbouring blocks the second load's attainment less the first's."""
+    from tempo.scheduler.goodput import account
+
+    by_block: dict[int, list[Any]] = defaultdict(list)
+    for o in admitted:
+        block, offset = blocks[o.request_id]
+        if offset >= settle_s:
+            by_block[block].append(o)
+    counted_s = block_s - settle_s
+    per_load: dict[str, Any] = {}
+    attainment: dict[int, dict[str, float]] = {}
+    for block, outcomes in by_block.items():
+        attainment[block] = {c: r["attainment"] for c, r in account(outcomes).to_dict()["per_class"].items()}
+    for side, load in enumerate(loads):
+        mine = sorted(b for b in by_block if b % 2 == side)
+        report = account([o for b in mine for o in by_block[b]], duration_s=counted_s * len(mine)).to_dict()
+        per_load[f"{load:g}x"] = {"blocks": len(mine),
+                                  "attainment": {c: r["attainment"] for c, r in report["per_class"].items()},
+                                  "token_goodput": report["token_goodput"],
+                                  "request_goodput": report["request_goodput"]}
+    pairs = [(b, b + 1) for b in sorted(attainment) if b % 2 == 0 and b + 1 in attainment]
+    differences = {c: [attainment[b][c] - attainment[a][c] for a, b in pairs
+                       if c in attainment[a] and c in attainment[b]]
+                   for c in ("latency", "deadline", "compound")}
+    return {"block_s": block_s, "settle_s": settle_s, "per_load": per_load, "pairs": len(pairs),
+            "difference_median": {c: round(float(np.median(d)), 4) if d else None for c, d in differences.items()},
+            "difference_range": {c: [round(min(d), 4), round(max(d), 4)] if d else None
+                                 for c, d in differences.items()}}
 
 
 def admitted_work(outcomes: list[Any], sent: set[str], refused: set[str]) -> list[Any]:
