@@ -43,6 +43,7 @@ State is JSON (``to_dict`` / ``from_dict``), never pickle.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
+_log = logging.getLogger("tempo.models.job_graphs")
 FORMAT = "tempo.graph_store/1"
 # per stage: longest output, total output, longest prompt, total prompt, fan-out (the stored integers)
 OUT_MAX, OUT_SUM, PR_MAX, PR_SUM, FAN = range(5)
@@ -430,6 +432,11 @@ class GraphStore:
         stage = query.shape[0] - 1
         kernel_values, weights, valid = self._prefix_weights(graphs, query)
         w = weights[:, stage]
+        if not np.isfinite(w).all():  # never expected: say what it came from, let the per-app quantiles answer
+            _log.warning("graph store: non-finite match weights (kernel %s, mass %s, freshness %s)",
+                         np.isfinite(kernel_values[:, stage]).all(), np.isfinite(graphs.mass).all(),
+                         np.isfinite(graphs.fresh).all())
+            return self._fallback_with_phi(graphs, stage)
         total = float(w.sum())
         if mark:
             graphs.touched |= valid[:, stage] & (kernel_values[:, stage] >= self.match_floor)
@@ -441,7 +448,8 @@ class GraphStore:
         median, raw = _ranked_quantiles(ranked, graphs.order[:, stage], w, (0.5, self.quantile))
         mean = w @ graphs.remaining[:, stage] / total
         bound = self._calibrated(raw, graphs.offsets[stage])
-        samples = total**2 / float(np.sum(w**2 / graphs.mass))
+        matched = w > 0
+        samples = total**2 / float(np.sum(w[matched] ** 2 / graphs.mass[matched]))
         if bound[_STAGES] <= 0:
             phi = 1.0
         return GraphEstimate(_named(median), _named(bound), _named(mean), total, samples, False, phi)
@@ -689,7 +697,16 @@ def weighted_kmedoids(distance: FloatArray, mass: FloatArray, k: int, rng: np.ra
         medoids.append(pick)
         nearest = np.minimum(nearest, distance[pick])
     chosen = np.asarray(medoids, dtype=np.int64)
-    labels = np.argmin(distance[:, chosen], axis=1)
+
+    def assign(medoid_rows: IntArray) -> IntArray:
+        """Nearest medoid per row, each medoid in its own cluster: among duplicate graphs (distance 0) argmin
+        would hand a medoid to another's cluster, whose update could then pick it too, leaving two clusters
+        on one row and one of them empty (zero mass: NaN weights downstream)."""
+        nearest_medoid = np.argmin(distance[:, medoid_rows], axis=1)
+        nearest_medoid[medoid_rows] = np.arange(len(medoid_rows))
+        return nearest_medoid
+
+    labels = assign(chosen)
     for _ in range(iterations):
         updated = chosen.copy()
         for c in range(k):
@@ -697,10 +714,8 @@ def weighted_kmedoids(distance: FloatArray, mass: FloatArray, k: int, rng: np.ra
             if len(members) > 1:
                 cost = mass[members] @ distance[np.ix_(members, members)]
                 updated[c] = members[int(np.argmin(cost))]
-        new_labels = np.argmin(distance[:, updated], axis=1)
+        new_labels = assign(updated)
         if np.array_equal(updated, chosen) and np.array_equal(new_labels, labels):
             break
         chosen, labels = updated, new_labels
-    labels = np.argmin(distance[:, chosen], axis=1)
-    labels[chosen] = np.arange(len(chosen))  # a medoid is in its own cluster (ties of duplicates)
     return chosen, labels.astype(np.int64)

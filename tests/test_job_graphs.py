@@ -288,3 +288,31 @@ def test_bad_input_is_rejected() -> None:
         store.add("a", [[(-1, 10)]])
     with pytest.raises(ValueError):
         GraphStore(quantile=1.0)
+
+
+def test_kmedoids_on_duplicate_graphs_keeps_distinct_medoids_each_with_mass() -> None:
+    """Identical graphs (calls of fixed sizes, as a load generator sends) tie at distance 0: no two clusters
+    may end on one row, and none may be left empty (zero mass made match weights NaN in a soak)."""
+    from tempo.models.job_graphs import weighted_kmedoids
+
+    for trial in range(300):
+        rng = np.random.default_rng(trial)
+        n = int(rng.integers(5, 40))
+        k = int(rng.integers(2, n))
+        points = rng.integers(0, 3, size=(n, 2)).astype(float)
+        distance = ((points[:, None] - points[None]) ** 2).sum(-1)
+        mass = rng.integers(1, 4, size=n).astype(float)
+        medoids, labels = weighted_kmedoids(distance, mass, k, rng)
+        assert len(set(medoids.tolist())) == len(medoids) == k, trial
+        assert (np.bincount(labels, weights=mass, minlength=k) > 0).all(), trial
+        assert (labels[medoids] == np.arange(k)).all()
+
+
+def test_non_finite_match_weights_fall_back_to_the_per_app_quantiles() -> None:
+    store = GraphStore(capacity=50)
+    for i in range(20):
+        store.add("a", (((100, 50 + i),), ((200, 30 + i),)))
+    store._apps["a"].fresh[3] = np.nan
+    estimate = store.estimate("a", 1, (((100, 55),),), [200])
+    assert estimate.fallback and math.isfinite(estimate.samples)
+    assert estimate.outlook().samples == 20

@@ -11,6 +11,10 @@ taken at the client from the stream (each chunk carries the cumulative usage); t
 Forced-length prompts are token ids of the workload's prompt length (``/v1/completions``: the served
 model's tokenizer would count the workload's text differently); natural-length prompts are the workload's
 text as a user message (``/v1/chat/completions``: an instruct model answers it as it would in use).
+
+The client is aiohttp (a C HTTP parser): under overload the load generator shares two cores with the
+engine, and with httpx's pure-Python streaming ``tempo soak`` at 4x lagged seconds behind its schedule
+(docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -294,6 +294,7 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
                      "wait_ms_p50": _ms(_pct([o.ended_s - o.sent_s for o in refused], 0.5)),
                      "wait_ms_p99": _ms(_pct([o.ended_s - o.sent_s for o in refused], 0.99)),
                      "wait_ms_max": _ms(max((o.ended_s - o.sent_s for o in refused), default=None)),
+                     "over_100ms": sum(1 for o in refused if o.ended_s - o.sent_s > 0.1),
                      # the same, seen by an idle client in its own process (the load generator's loop is busy)
                      "probe": probe_summary(probe_log)},
         # the load generator's own lag (its loop also streams every admitted answer): a compound job's later
@@ -440,8 +441,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for ax in axes[1]:
         ax.set_xlabel("minutes")
     c = report["config"]
-    fig.suptitle(f"tempo soak: {c['duration_s'] / 60:.0f} min at {c['load']:g}x saturation ({c['rps']} arrivals/s), "
-                 f"{c['policy']} on {c['model']}")
+    if c.get("alternate_load") is None:
+        load = f"at {c['load']:g}x saturation ({c['rps']} arrivals/s)"
+    else:  # the other load's blocks shaded
+        load = f"alternating {c['load']:g}x / {c['alternate_load']:g}x saturation (shaded) every {c['block_s']:g} s"
+        for ax in (*axes[0], *axes[1]):
+            for start in np.arange(c["block_s"], c["duration_s"], 2 * c["block_s"]):
+                ax.axvspan(start / 60, (start + c["block_s"]) / 60, color="0.9", zorder=0)
+    fig.suptitle(f"tempo soak: {c['duration_s'] / 60:.0f} min {load}, {c['policy']} on {c['model']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -20,6 +20,7 @@ rejected, later calls are refused at arrival), as in the simulator.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import OrderedDict, deque
@@ -50,6 +51,8 @@ from tempo.serving.vllm.slo_fields import (
     ladder_from_xargs,
     parse_request_slo,
 )
+
+log = logging.getLogger("tempo.serving.vllm")
 
 RUNNING, WAITING = Phase.RUNNING, Phase.WAITING
 DECISION_SAMPLES = 4096  # decision times kept for the report
@@ -521,7 +524,11 @@ class EngineAdapter:
             del self.to_learn[job_id]
             if job.failed is None and job.finished:
                 job.learned = True
-                self.learn_job(job.app, [job.finished[s] for s in sorted(job.finished)])
+                try:
+                    self.learn_job(job.app, [job.finished[s] for s in sorted(job.finished)])
+                except (ValueError, FloatingPointError):  # a job the matcher cannot learn is not learned
+                    log.exception("tempo: job %s not learned", job_id)
+                    continue
                 self.stats.jobs_learned += 1
         while self.jobs:
             job_id, job = next(iter(self.jobs.items()))

@@ -42,6 +42,8 @@ class EngineMetrics:
         self.coverage = Gauge("tempo_bound_coverage", f"Bound coverage over the last {WINDOW} requests.",
                               ["slo_class"], multiprocess_mode="mostrecent")
         self.decisions = Counter("tempo_policy_decisions", "Policy decisions.")
+        self.policy_errors = Counter("tempo_policy_errors", "Policy decisions that raised: the step kept the "
+                                     "last plan (the engine keeps serving; the log has the traceback).")
         self.decision_seconds = Histogram("tempo_policy_decision_seconds", "Time of a policy decision.",
                                           buckets=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0))
         self.preemptions = Counter("tempo_preemptions", "Preemptions (recompute) by who asked.", ["by"])

@@ -148,6 +148,7 @@ class TempoSchedulerMixin:
         self.tempo_timer = StepTimer(engine_timing(load_profile(config.profile)), self.tempo_budget)
         self.waiting = PlannedWaitingQueue(self.waiting)
         self.tempo_metrics = engine_metrics()
+        self._tempo_policy_errors = 0
         store = None
         if config.redis_url:
             from tempo.estimator.store import Store
@@ -218,7 +219,15 @@ class TempoSchedulerMixin:
         snapshot = tempo.snapshot(self.running, chain(self.waiting, self.kv_holding_waiting), limits,
                                   self.tempo_timer.timing(), self.current_step, now)
         tempo.stats.snapshot_s_total += time.perf_counter() - t0
-        decision = tempo.decide(snapshot)
+        try:
+            decision = tempo.decide(snapshot)
+        except Exception:  # a policy bug must not take the engine down (vLLM stops on a scheduler error)
+            self.tempo_metrics.policy_errors.inc()
+            self._tempo_policy_errors += 1
+            if self._tempo_policy_errors in (1, 10, 100) or self._tempo_policy_errors % 1000 == 0:
+                log.exception("tempo: policy decision %d raised; this step keeps the last plan",
+                              self._tempo_policy_errors)
+            return
         self.tempo_metrics.decisions.inc()
         self.tempo_metrics.decision_seconds.observe(tempo.stats.decision_s[-1])
         applied = tempo.apply(decision, now)
