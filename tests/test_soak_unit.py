@@ -43,10 +43,13 @@ def test_renice_sets_every_thread_of_matching_descendants_only() -> None:
 
 def test_a_server_that_exits_during_the_load_is_reported_with_its_log_tail(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
-    log.write_text("".join(f"line {i}\n" for i in range(100)) + "RuntimeError: the engine core died\n")
+    error = "(EngineCore pid=7) ERROR 12-03 14:49:23 [core.py:1512] ValueError: cannot convert float NaN"
+    log.write_text("".join(f"line {i}\n" for i in range(50)) + error + "\n"
+                   + "".join(f"line {i}\n" for i in range(50, 100)) + "RuntimeError: the engine core died\n")
     got = server_outcome(1, 305.2, log, lines=3)
     assert got["exited_during_load"] and got["exit_s"] == 305.2 and got["returncode"] == 1
     assert got["log_tail"] == ["line 98", "line 99", "RuntimeError: the engine core died"]
+    assert got["log_errors"] == [error]  # what stopped it, before the shutdown's noise
     assert server_outcome(-15, None, log) == {"exited_during_load": False}  # stopped by the soak at the end
 
 

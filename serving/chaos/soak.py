@@ -331,12 +331,14 @@ def gc_pauses(metrics: dict[str, float], name: str = "tempo_gc_pause_seconds") -
 
 
 def server_outcome(returncode: int | None, exit_s: float | None, log: Path, lines: int = 40) -> dict[str, Any]:
-    """Whether ``tempo serve`` lived through the load; if not, when it exited and its log's last lines (an
-    error in the engine or the plug-in ends vLLM's API server with it)."""
+    """Whether ``tempo serve`` lived through the load; if not, when it exited, its log's first error lines
+    (vLLM's traceback of what stopped it; its shutdown noise comes after) and last lines."""
     if exit_s is None:
         return {"exited_during_load": False}
-    tail = log.read_text(errors="replace").splitlines()[-lines:] if log.is_file() else []
-    return {"exited_during_load": True, "exit_s": exit_s, "returncode": returncode, "log": str(log), "log_tail": tail}
+    text = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    errors = [line for line in text if " ERROR " in line or line.startswith("Traceback")][:lines]
+    return {"exited_during_load": True, "exit_s": exit_s, "returncode": returncode, "log": str(log),
+            "log_errors": errors, "log_tail": text[-lines:]}
 
 
 def alternating_workload(rates: tuple[float, float], block_s: float, duration_s: float, seed: int,
