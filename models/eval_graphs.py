@@ -29,7 +29,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from tempo.data.castillo import open_text
-from tempo.models.job_graphs import FIELDS, GraphStore, remaining_after
+from tempo.models.job_graphs import FIELDS, PR_MAX, GraphStore, PatternGraph, remaining_after
 from tempo.scheduler.jobs import JobProfile, quantile_up
 from tempo.serving.workloads.builder import COMPOUND_APP
 from tempo.serving.workloads.sources import load_workflows
@@ -186,13 +186,8 @@ MIN_JOBS_PREDICTABILITY = 20  # training jobs that reached a stage, per learner 
 def _known_at(graph: Graph, stage: int) -> list[float]:
     """What a job shows when stage ``stage`` is released: per finished stage the kernel's attributes (fan-out,
     longest and total output, longest and total prompt), then the current stage's fan-out and prompts; logs."""
-    features: list[float] = []
-    for calls in graph[:stage]:
-        outputs, prompts = [o for _, o in calls], [p for p, _ in calls]
-        features += [len(calls), max(outputs), sum(outputs), max(prompts), sum(prompts)]
-    prompts = [p for p, _ in graph[stage]]
-    features += [len(prompts), max(prompts), sum(prompts)]
-    return list(np.log1p(features))
+    stats = PatternGraph(graph[:stage], [p for p, _ in graph[stage]]).stats  # the current stage's outputs: -1
+    return list(np.log1p([*stats[:-1].ravel(), *stats[-1, PR_MAX:]]))
 
 
 def predictability(train: Sequence[Job], test: Sequence[Job], fallback: _Fallback,

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
-import uvicorn
 from tempo.estimator.app import create_app
 from tempo.estimator.castillo_stream import DEFAULT_MODEL, completion_records, small_artifact
 from tempo.estimator.settings import Settings
 from tempo.estimator.store import Store
 
 from tempo.cli import main
-from tests.conftest import free_port
+from tests.conftest import serve_asgi
 
 
 def test_loadtest_reports_throughput_and_latency(redis_client: redis.Redis, redis_url: str, tmp_path: Path,
@@ -25,32 +23,25 @@ def test_loadtest_reports_throughput_and_latency(redis_client: redis.Redis, redi
     artifacts = tmp_path / "artifacts"
     assert main(["estimator", "publish", str(small_artifact()), "--redis-url", redis_url,
                  "--artifacts", str(artifacts)]) == 0
-    port = free_port()
     app = create_app(Settings(redis_url=redis_url, artifacts_dir=artifacts))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
+    with serve_asgi(app) as url:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()["model_version"]:
+                if httpx.get(f"{url}/healthz", timeout=1).json()["model_version"]:
                     break
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < deadline
             time.sleep(0.1)
         out = tmp_path / "single.json"
-        assert main(["estimator", "loadtest", "--url", f"http://127.0.0.1:{port}", "--concurrency", "4",
+        assert main(["estimator", "loadtest", "--url", url, "--concurrency", "4",
                      "--duration", "1", "--json", str(out)]) == 0
         result = json.loads(out.read_text())
         assert result["requests"] > 10 and result["errors"] == 0 and 0 < result["p50_ms"] <= result["p99_ms"]
-        assert main(["estimator", "loadtest", "--url", f"http://127.0.0.1:{port}", "--concurrency", "2",
+        assert main(["estimator", "loadtest", "--url", url, "--concurrency", "2",
                      "--duration", "1", "--batch", "32", "--rate", "20", "--distinct"]) == 0
         assert "batch distinct:" in capsys.readouterr().out
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_retrain_skips_small_windows_and_writes_its_report(redis_client: redis.Redis, redis_url: str,

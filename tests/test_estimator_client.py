@@ -4,6 +4,7 @@ is down or slow, and completion records buffered and retried (against a real ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-import uvicorn
 from tempo.estimator.app import create_app
 from tempo.estimator.castillo_stream import DEFAULT_MODEL, completion_records, small_artifact
 from tempo.estimator.client import EstimatorClient
@@ -22,21 +22,19 @@ from tempo.estimator.store import Store
 from tempo.scheduler.bounds import BoundQuery
 from tempo.scheduler.slo import SLOClass
 
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer, free_port, serve_asgi
 
 
 class Service:
-    """The app on a real uvicorn server in a thread."""
+    """The app on a real uvicorn server in a thread (``serve_asgi``), entered once its /healthz answers."""
 
     def __init__(self, settings: Settings) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self._serving = contextlib.ExitStack()
+        self.url = ""
 
     def __enter__(self) -> Service:
-        self.thread.start()
+        self.url = self._serving.enter_context(serve_asgi(self.app))
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -48,8 +46,7 @@ class Service:
             time.sleep(0.1)
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        self._serving.close()
 
 
 QUERIES = [BoundQuery(f"q{i}", 40 + i, SLOClass.DEADLINE, "Mbpp", DEFAULT_MODEL, f"Write a function number {i}.")

@@ -3,7 +3,7 @@
 One event loop in vLLM's API server answers every request, refusals included, so a full collection stops
 them all for as long as it takes to traverse every object the process tracks, most of them the modules
 (torch, vLLM, transformers, the tokenizer) that live as long as the process. vLLM freezes its engine core's
-heap once it is up (``vllm.utils.gc_utils.freeze_gc_heap``), not the API server's. ``freeze_heap`` does the
+heap once it is up (``vllm.utils.gc_utils.freeze_gc_heap``), not the API server's. ``install`` does the
 same here: what exists once the server is up moves to the permanent generation, and later collections
 traverse only what was allocated since.
 """
