@@ -187,3 +187,23 @@ def test_calls_of_admitted_jobs_get_the_reserve_and_a_refused_job_is_dropped_who
             assert "dropped" in dropped.json()["error"]["message"]
 
     run(go())
+
+
+def test_start_up_builds_the_request_path_and_watches_the_loop() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    middleware = SLOMiddleware(app, ServeConfig())
+    # built before the heap is frozen: never on a request (the fallback ladders' fit takes seconds)
+    assert middleware._bounds is not None and middleware._metrics is not None
+
+    async def start_up() -> None:
+        await middleware({"type": "lifespan"}, None, None)
+        task = middleware._loop_lag
+        assert task is not None and not task.done()
+        await middleware({"type": "lifespan"}, None, None)
+        assert middleware._loop_lag is task  # one watcher
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    run(start_up())

@@ -32,9 +32,11 @@ from typing import Any
 
 import aiohttp
 from tempo.scheduler.goodput import RequestOutcome
+from tempo.serving.vllm import loop_lag
 from tempo.serving.workloads.format import WorkloadRequest
 
 TOKEN_RANGE = (100, 4000)  # synthetic prompt ids: valid in every served model's vocabulary here
+STALL_S = 0.02  # a wake-up of the client's loop this late is recorded as its own stall
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,9 @@ class ReplayResult:
     rejected: int = 0
     errors: int = 0
     never_sent: int = 0  # later calls of a job that failed
+    # (start, end) seconds from t0 of the client's own loop stalls over STALL_S: what it timed across them,
+    # its own lag added to the server's
+    loop_stalls_s: list[tuple[float, float]] = field(default_factory=list)
 
 
 def synthetic_prompt(request_id: str, tokens: int) -> list[int]:
@@ -199,6 +204,13 @@ async def replay(workload: Sequence[WorkloadRequest], config: ReplayConfig,
             live.t0 = t0
         tasks: set[asyncio.Task[None]] = set()
         sending: set[asyncio.Task[Any]] = set()
+        stalls: list[tuple[float, float]] = []
+
+        def stalled(woke: float, lag: float) -> None:
+            if lag > STALL_S:
+                stalls.append((round(woke - lag - t0, 4), round(woke - t0, 4)))
+
+        watcher = asyncio.create_task(loop_lag.watch(stalled))
 
         async def run(w: WorkloadRequest, at_s: float) -> None:
             await asyncio.sleep(max(0.0, t0 + at_s - time.monotonic()))
@@ -251,8 +263,11 @@ async def replay(workload: Sequence[WorkloadRequest], config: ReplayConfig,
             stopper.cancel()
         if live is not None:
             stop_switch.cancel()
+        watcher.cancel()
     wall = time.perf_counter() - started
-    return _result(workload, observed, released, wall, config)
+    result = _result(workload, observed, released, wall, config)
+    result.loop_stalls_s = stalls
+    return result
 
 
 def _result(workload: Sequence[WorkloadRequest], observed: dict[str, Observed], released: dict[str, float],

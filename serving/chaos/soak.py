@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import subprocess
 import sys
 import threading
@@ -247,6 +248,10 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
         progress.update(task, description=f"{len(workload)} arrivals at {rps}/s ({rps / saturation:.2f}x saturation)",
                         total=config.duration_s, completed=0)
         result: dict[str, Any] = {}
+        # the load generator's start-up heap (the workload, its modules) frozen, as tempo serve's: its own full
+        # collections would stand still in the middle of the refusals it times
+        gc.collect()
+        gc.freeze()
         loader = threading.Thread(target=lambda: result.update(
             replay=asyncio.run(replay(workload, ReplayConfig(server.url, served, forced_with_text=True,
                                                               max_tokens_cap=256, request_timeout_s=600.0,
@@ -266,7 +271,7 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
             loader.join(1.0)
         sampler.done.set()
         sampler.sample()
-        pauses = gc_pauses(asyncio.run(scrape_metrics(server.url))) if server.process.poll() is None else None
+        scrape = asyncio.run(scrape_metrics(server.url)) if server.process.poll() is None else None
         prober.terminate()
         prober.wait(40)
     replayed = result["replay"]
@@ -295,18 +300,24 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
                      "wait_ms_p99": _ms(_pct([o.ended_s - o.sent_s for o in refused], 0.99)),
                      "wait_ms_max": _ms(max((o.ended_s - o.sent_s for o in refused), default=None)),
                      "over_100ms": sum(1 for o in refused if o.ended_s - o.sent_s > 0.1),
+                     "over_100ms_across_own_stall": sum(1 for o in refused if o.ended_s - o.sent_s > 0.1 and any(
+                         a < o.ended_s and o.sent_s < b for a, b in replayed.loop_stalls_s)),
                      # the same, seen by an idle client in its own process (the load generator's loop is busy)
                      "probe": probe_summary(probe_log)},
         # the load generator's own lag (its loop also streams every admitted answer): a compound job's later
         # stages are released late by it, which the job's deadline pays
         "load_generator": {"late_ms_p50": _ms(_pct([o.late_s for o in observed if o.late_s is not None], 0.5)),
-                           "late_ms_p99": _ms(_pct([o.late_s for o in observed if o.late_s is not None], 0.99))},
+                           "late_ms_p99": _ms(_pct([o.late_s for o in observed if o.late_s is not None], 0.99)),
+                           "loop_stalls": len(replayed.loop_stalls_s),  # wake-ups over STALL_S late
+                           "loop_stall_ms_max": _ms(max((b - a for a, b in replayed.loop_stalls_s), default=None))},
         "rejections": {"wait_ms_p50": _ms(_pct([o.ended_s - o.sent_s for o in rejected], 0.5)),
                        "wait_ms_p99": _ms(_pct([o.ended_s - o.sent_s for o in rejected], 0.99))},
         "admitted": {"attainment": {c: r["attainment"] for c, r in overall["per_class"].items()},
                      "token_goodput": overall["token_goodput"], "request_goodput": overall["request_goodput"]},
         "memory": memory_summary(samples),
-        "gc_pauses": pauses,  # the API server's (None: it had exited)
+        # the API server's collections, and how late its event loop ran whatever the cause (None: it had exited)
+        "gc_pauses": None if scrape is None else pauses(scrape, "tempo_gc_pause_seconds", "generation"),
+        "loop_lag": None if scrape is None else pauses(scrape, "tempo_event_loop_lag_seconds").get("all"),
         "alternating": None if config.alternate_load is None else paired_loads(
             admitted, blocks, (config.load, config.alternate_load), config.block_s, config.settle_s),
         "samples": samples,
@@ -314,20 +325,22 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
     }
 
 
-def gc_pauses(metrics: dict[str, float], name: str = "tempo_gc_pause_seconds") -> dict[str, dict[str, float]]:
-    """Per generation, from a ``/metrics`` scrape (``scrape_metrics``): collections, seconds in them, and how
-    many took longer than 0.1 s (the refusal target) and 0.5 s."""
-    series: dict[str, dict[str, float]] = defaultdict(dict)  # generation -> {count | sum | le: value}
+def pauses(metrics: dict[str, float], name: str, label: str | None = None) -> dict[str, dict[str, float]]:
+    """A histogram of seconds the API server stood still, from a ``/metrics`` scrape (``scrape_metrics``): per
+    value of ``label`` (``"all"`` without one), how many, seconds in all, and how many over 25 ms, 0.1 s (the
+    refusal target) and 0.5 s."""
+    series: dict[str, dict[str, float]] = defaultdict(dict)  # label value -> {count | sum | le: value}
     for key, value in metrics.items():
         metric, _, labels = key.partition("{")
-        if not labels or not metric.startswith(name):
+        if metric not in (f"{name}_bucket", f"{name}_count", f"{name}_sum") or (not labels and (
+                label or metric.endswith("_bucket"))):  # a series' total over its labels (parse_metrics)
             continue
-        fields = dict(part.split("=", 1) for part in labels.rstrip("}").split(","))
-        generation = fields["generation"].strip('"')
-        series[generation][fields["le"].strip('"') if "le" in fields else metric.rsplit("_", 1)[1]] = value
-    return {generation: {"collections": v["count"], "seconds": round(v["sum"], 3),
-                         "over_100ms": v["count"] - v["0.1"], "over_500ms": v["count"] - v["0.5"]}
-            for generation, v in sorted(series.items())}
+        fields = dict(part.split("=", 1) for part in labels.rstrip("}").split(",")) if labels else {}
+        group = fields[label].strip('"') if label else "all"
+        series[group][fields["le"].strip('"') if "le" in fields else metric.rsplit("_", 1)[1]] = value
+    return {group: {"count": v["count"], "seconds": round(v["sum"], 3), "over_25ms": v["count"] - v["0.025"],
+                    "over_100ms": v["count"] - v["0.1"], "over_500ms": v["count"] - v["0.5"]}
+            for group, v in sorted(series.items())}
 
 
 def server_outcome(returncode: int | None, exit_s: float | None, log: Path, lines: int = 40) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any
 
 from tempo.scheduler.bounds import BoundLadder, BoundQuery
 from tempo.scheduler.slo import SLOClass
-from tempo.serving.vllm import gc_pauses
+from tempo.serving.vllm import gc_pauses, loop_lag
 from tempo.serving.vllm.admission import QUEUE_FULL, JobAdmission
 from tempo.serving.vllm.config import ServeConfig
 from tempo.serving.vllm.slo_fields import (
@@ -115,7 +115,15 @@ class SLOMiddleware:
         self._bounds: Any = None
         self._client: Any = None
         self._metrics: Any = None
-        # Starlette builds its middleware at the first ASGI call (the lifespan start-up): the engine is up
+        self._loop_lag: Any = None  # the watcher task (loop_lag), started at lifespan start-up
+        # Starlette builds its middleware at the first ASGI call (the lifespan start-up): the engine is up.
+        # What the request path builds lazily is built now, so the freeze takes it too: a collection would
+        # traverse it all again, and the fallback ladders' ~2 s fit would stop the loop at the first fallback.
+        _ = self.metrics, self.bounds
+        import tempo.models.features
+
+        if self.config.estimator_url:
+            import tempo.estimator.client  # noqa: F401
         gc_pauses.install(freeze=self.config.freeze_gc)
 
     # -- lazily built (heavy imports, event-loop bound clients) --------------------------------------
@@ -149,6 +157,8 @@ class SLOMiddleware:
 
     # -- ASGI ------------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") == "lifespan" and self._loop_lag is None:  # the server's own loop, once
+            self._loop_lag = loop_lag.start(self.metrics.loop_lag_seconds)
         if gc_pauses.pending():  # pauses timed since the last request (a /metrics scrape sees them all)
             gc_pauses.drain(self.metrics.gc_pause_seconds)
         if scope.get("type") == "http" and scope.get("path") not in SERVED_PATHS:

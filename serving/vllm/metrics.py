@@ -10,7 +10,8 @@ within their SLO, counted as ``tempo.scheduler.goodput`` does; a compound *call*
 its job's deadline), delivered tokens, and the bound's coverage (finished requests whose output stayed
 within the initial bound), plus rolling attainment and coverage over the last ``WINDOW`` requests.
 Engine side: decisions and their time, preemptions by whom, rejections, demotions, skipped steps,
-completion records by fate. Front end: estimator calls by result, refused and bad requests.
+completion records by fate. Front end: estimator calls by result, refused and bad requests, the garbage
+collector's pauses and the event loop's lag.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from functools import lru_cache
 from typing import Any
 
 WINDOW = 200  # requests per class behind the rolling gauges
+PAUSE_BUCKETS = (1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # seconds the API server stands still
 
 
 class EngineMetrics:
@@ -92,7 +94,10 @@ class FrontendMetrics:
         self.bad_requests = Counter("tempo_bad_requests", "Requests answered 400 for bad SLO fields.")
         self.gc_pause_seconds = Histogram("tempo_gc_pause_seconds", "The API server's garbage-collector pauses "
                                           "(its event loop stands still), by generation.", ["generation"],
-                                          buckets=(1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+                                          buckets=PAUSE_BUCKETS)
+        self.loop_lag_seconds = Histogram("tempo_event_loop_lag_seconds", "How late the API server's event "
+                                          "loop woke a 20 ms timer: what a request arriving then waited "
+                                          "before any of it ran.", buckets=PAUSE_BUCKETS)
 
 
 @lru_cache(maxsize=1)
