@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from tempo.serving.bench.engine_client import parse_metrics
 from tempo.serving.chaos.soak import pauses
 
@@ -59,9 +59,10 @@ def test_the_loop_watcher_times_a_blocked_loop() -> None:
     from tempo.serving.vllm import loop_lag
 
     histogram = Histogram("lag", "h", registry=CollectorRegistry(), buckets=(0.025, 0.1, 0.5))
+    longest = Gauge("lag_max", "g", registry=CollectorRegistry())
 
     async def block_once() -> None:
-        task = loop_lag.start(histogram, interval_s=0.01)
+        task = loop_lag.start(histogram, longest, interval_s=0.01)
         await asyncio.sleep(0.05)
         time.sleep(0.15)  # the loop stands still, as in a long collection
         await asyncio.sleep(0.05)
@@ -70,3 +71,4 @@ def test_the_loop_watcher_times_a_blocked_loop() -> None:
     asyncio.run(block_once())
     buckets = {s.labels["le"]: s.value for s in next(iter(histogram.collect())).samples if s.name == "lag_bucket"}
     assert buckets["+Inf"] >= 4 and buckets["+Inf"] - buckets["0.1"] == 1  # one wake-up late by >= 0.1 s
+    assert 0.1 < longest._value.get() < 0.5

@@ -95,9 +95,9 @@ class ReplayResult:
     rejected: int = 0
     errors: int = 0
     never_sent: int = 0  # later calls of a job that failed
-    # (start, end) seconds from t0 of the client's own loop stalls over STALL_S: what it timed across them,
-    # its own lag added to the server's
-    loop_stalls_s: list[tuple[float, float]] = field(default_factory=list)
+    # (start, end, seconds of it waiting for a core) from t0 of the client's own loop stalls over STALL_S:
+    # what it timed across them has its own lag added to the server's
+    loop_stalls_s: list[tuple[float, float, float | None]] = field(default_factory=list)
 
 
 def synthetic_prompt(request_id: str, tokens: int) -> list[int]:
@@ -204,11 +204,14 @@ async def replay(workload: Sequence[WorkloadRequest], config: ReplayConfig,
             live.t0 = t0
         tasks: set[asyncio.Task[None]] = set()
         sending: set[asyncio.Task[Any]] = set()
-        stalls: list[tuple[float, float]] = []
+        stalls: list[tuple[float, float, float | None]] = []
+        waited = [loop_lag.run_queue_wait_s()]
 
         def stalled(woke: float, lag: float) -> None:
+            before, waited[0] = waited[0], loop_lag.run_queue_wait_s()
             if lag > STALL_S:
-                stalls.append((round(woke - lag - t0, 4), round(woke - t0, 4)))
+                cpu_wait = None if before is None or waited[0] is None else round(waited[0] - before, 4)
+                stalls.append((round(woke - lag - t0, 4), round(woke - t0, 4), cpu_wait))
 
         watcher = asyncio.create_task(loop_lag.watch(stalled))
 

@@ -3,7 +3,8 @@
 The load generator times refusals in its own event loop, which also streams every admitted request and
 shares the cores with the engine: its p99 says as much about itself as about the server. The probe has
 nothing else to do. Every ``interval`` it sends a one-token best-effort completion over a kept-alive
-connection and appends ``{"t_s", "status", "reason", "ms"}`` to a JSON-lines file until SIGTERM.
+connection and appends ``{"t_s", "status", "reason", "ms", "cpu_wait_ms"}`` to a JSON-lines file until
+SIGTERM (``cpu_wait_ms``: of ``ms``, the probe's own wait for a core, where Linux says).
 
 ``python -m tempo.serving.chaos.probe URL MODEL OUT [INTERVAL_S]`` (``tempo soak`` starts it).
 """
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tempo.serving.vllm.loop_lag import run_queue_wait_s
+
 
 def probe(url: str, model: str, out: Path, interval_s: float, stop: threading.Event) -> None:
     import httpx
@@ -26,7 +29,7 @@ def probe(url: str, model: str, out: Path, interval_s: float, stop: threading.Ev
     start = time.monotonic()
     with httpx.Client(base_url=url, timeout=30.0) as client, out.open("a", encoding="utf-8") as log:
         while not stop.is_set():
-            sent = time.perf_counter()
+            sent, waited = time.perf_counter(), run_queue_wait_s()
             row: dict[str, Any] = {"t_s": round(time.monotonic() - start, 3)}
             try:
                 response = client.post("/v1/completions", json=body)
@@ -35,6 +38,9 @@ def probe(url: str, model: str, out: Path, interval_s: float, stop: threading.Ev
             except httpx.HTTPError as exc:
                 row.update(status=None, reason=type(exc).__name__)
             row["ms"] = round(1000 * (time.perf_counter() - sent), 2)
+            now_waited = run_queue_wait_s()
+            if waited is not None and now_waited is not None:  # of it, the probe's own wait for a core
+                row["cpu_wait_ms"] = round(1000 * (now_waited - waited), 2)
             log.write(json.dumps(row) + "\n")
             log.flush()
             stop.wait(max(0.0, interval_s - (time.perf_counter() - sent)))
@@ -52,7 +58,10 @@ def summary(path: Path) -> dict[str, Any]:
             "errors": sum(1 for r in rows if r["status"] not in (200, 503)),
             "reasons": sorted({r["reason"] for r in rows if r["status"] == 503 and r["reason"]}),
             "wait_ms_p50": quantile(0.5), "wait_ms_p99": quantile(0.99), "wait_ms_max": max(waits, default=None),
-            "over_100ms": sum(1 for w in waits if w > 100)}
+            "over_100ms": sum(1 for w in waits if w > 100),
+            # the same less the probe's own wait for a core (the client shares the cores with the server)
+            "over_100ms_less_own_cpu_wait": sum(1 for r in rows if r["status"] == 503
+                                                and r["ms"] - r.get("cpu_wait_ms", 0.0) > 100)}
 
 
 def main(argv: list[str]) -> None:

@@ -301,7 +301,7 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
                      "wait_ms_max": _ms(max((o.ended_s - o.sent_s for o in refused), default=None)),
                      "over_100ms": sum(1 for o in refused if o.ended_s - o.sent_s > 0.1),
                      "over_100ms_across_own_stall": sum(1 for o in refused if o.ended_s - o.sent_s > 0.1 and any(
-                         a < o.ended_s and o.sent_s < b for a, b in replayed.loop_stalls_s)),
+                         a < o.ended_s and o.sent_s < b for a, b, _ in replayed.loop_stalls_s)),
                      # the same, seen by an idle client in its own process (the load generator's loop is busy)
                      "probe": probe_summary(probe_log)},
         # the load generator's own lag (its loop also streams every admitted answer): a compound job's later
@@ -309,7 +309,9 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
         "load_generator": {"late_ms_p50": _ms(_pct([o.late_s for o in observed if o.late_s is not None], 0.5)),
                            "late_ms_p99": _ms(_pct([o.late_s for o in observed if o.late_s is not None], 0.99)),
                            "loop_stalls": len(replayed.loop_stalls_s),  # wake-ups over STALL_S late
-                           "loop_stall_ms_max": _ms(max((b - a for a, b in replayed.loop_stalls_s), default=None))},
+                           "loop_stall_ms_max": _ms(max((b - a for a, b, _ in replayed.loop_stalls_s), default=None)),
+                           # its stalls: [start s, end s, seconds of it runnable without a core]
+                           "loop_stalls_s": replayed.loop_stalls_s},
         "rejections": {"wait_ms_p50": _ms(_pct([o.ended_s - o.sent_s for o in rejected], 0.5)),
                        "wait_ms_p99": _ms(_pct([o.ended_s - o.sent_s for o in rejected], 0.99))},
         "admitted": {"attainment": {c: r["attainment"] for c, r in overall["per_class"].items()},
@@ -317,7 +319,8 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
         "memory": memory_summary(samples),
         # the API server's collections, and how late its event loop ran whatever the cause (None: it had exited)
         "gc_pauses": None if scrape is None else pauses(scrape, "tempo_gc_pause_seconds", "generation"),
-        "loop_lag": None if scrape is None else pauses(scrape, "tempo_event_loop_lag_seconds").get("all"),
+        "loop_lag": None if scrape is None else {**pauses(scrape, "tempo_event_loop_lag_seconds").get("all", {}),
+                                                 "max_ms": _ms(scrape.get("tempo_event_loop_lag_max_seconds"))},
         "alternating": None if config.alternate_load is None else paired_loads(
             admitted, blocks, (config.load, config.alternate_load), config.block_s, config.settle_s),
         "samples": samples,

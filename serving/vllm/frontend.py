@@ -158,7 +158,7 @@ class SLOMiddleware:
     # -- ASGI ------------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") == "lifespan" and self._loop_lag is None:  # the server's own loop, once
-            self._loop_lag = loop_lag.start(self.metrics.loop_lag_seconds)
+            self._loop_lag = loop_lag.start(self.metrics.loop_lag_seconds, self.metrics.loop_lag_max)
         if gc_pauses.pending():  # pauses timed since the last request (a /metrics scrape sees them all)
             gc_pauses.drain(self.metrics.gc_pause_seconds)
         if scope.get("type") == "http" and scope.get("path") not in SERVED_PATHS:

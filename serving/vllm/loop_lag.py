@@ -6,6 +6,7 @@ before its first line ran: a garbage collection, a long tokenization, vLLM's out
 through a step's outputs, or the process not getting a core. The refusal-time target (< 100 ms) is a
 target for this lag, whatever its cause; the soak reads it from ``/metrics``. The load generator watches
 its own loop the same way: a refusal it timed across a stall of its own says little about the server.
+``run_queue_wait_s`` tells a stall's two causes apart: the time the thread sat runnable without a core.
 """
 
 from __future__ import annotations
@@ -26,8 +27,25 @@ async def watch(observe: Callable[[float, float], None], interval_s: float = 0.0
         observe(woke, max(0.0, woke - asked - interval_s))
 
 
-def start(histogram: Any, interval_s: float = 0.02) -> asyncio.Task[None]:
-    """The watcher observing lags in ``histogram``, as a task of the running loop (call from a coroutine);
-    the caller keeps the task."""
-    return asyncio.get_running_loop().create_task(watch(lambda _, lag: histogram.observe(lag), interval_s),
-                                                  name="tempo-loop-lag")
+def start(histogram: Any, longest: Any = None, interval_s: float = 0.02) -> asyncio.Task[None]:
+    """The watcher observing lags in ``histogram`` (and the longest so far in the gauge ``longest``), as a
+    task of the running loop (call from a coroutine); the caller keeps the task."""
+    worst = [0.0]
+
+    def observe(_: float, lag: float) -> None:
+        histogram.observe(lag)
+        if longest is not None and lag > worst[0]:
+            worst[0] = lag
+            longest.set(lag)
+
+    return asyncio.get_running_loop().create_task(watch(observe, interval_s), name="tempo-loop-lag")
+
+
+def run_queue_wait_s() -> float | None:
+    """Seconds the calling thread has waited, runnable, for a core since it started (Linux schedstat;
+    None where there is none)."""
+    try:
+        with open("/proc/thread-self/schedstat", encoding="ascii") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None

@@ -84,7 +84,7 @@ class FrontendMetrics:
     """Metrics the API server's middleware writes."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.estimates = Counter("tempo_estimator_calls", "Ladders asked of the estimator, by result "
                                  "(ok, fallback, local).", ["result"])
@@ -98,6 +98,8 @@ class FrontendMetrics:
         self.loop_lag_seconds = Histogram("tempo_event_loop_lag_seconds", "How late the API server's event "
                                           "loop woke a 20 ms timer: what a request arriving then waited "
                                           "before any of it ran.", buckets=PAUSE_BUCKETS)
+        self.loop_lag_max = Gauge("tempo_event_loop_lag_max_seconds", "The longest event-loop lag so far.",
+                                  multiprocess_mode="max")
 
 
 @lru_cache(maxsize=1)
