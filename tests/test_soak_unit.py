@@ -95,3 +95,14 @@ def test_paired_loads_compare_neighbouring_blocks_and_leave_out_the_settling_sec
     assert report["per_load"]["4x"]["attainment"]["deadline"] == pytest.approx(4 / 8)
     assert report["difference_median"]["deadline"] == pytest.approx(-0.25)
     assert report["difference_median"]["latency"] is None
+
+
+def test_steal_share_is_the_hypervisors_part_of_the_cpu_time_between_two_readings() -> None:
+    from tempo.serving.chaos.soak import cpu_times, steal_share
+
+    before = [100, 0, 50, 800, 0, 0, 0, 50]
+    after = [200, 0, 100, 1500, 0, 0, 0, 100]  # 900 ticks, 50 of them stolen
+    assert steal_share(before, after) == round(50 / 900, 4)
+    assert steal_share(after, after) is None and steal_share(None, after) is None
+    now = cpu_times()
+    assert now is None or (len(now) == 8 and all(v >= 0 for v in now))

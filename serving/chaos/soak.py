@@ -121,6 +121,7 @@ class Sampler(threading.Thread):
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=5)
         self.samples: list[dict[str, float]] = []
         self.done = threading.Event()
+        self._cpu = cpu_times()
 
     def sample(self) -> None:
         t0 = self.live.t0 or time.monotonic()
@@ -130,7 +131,8 @@ class Sampler(threading.Thread):
         except Exception:  # a sample must not end the soak
             redis_mb = float("nan")
         serve = _rss_mb(self.serve_pid)
-        self.samples.append({
+        cpu, self._cpu = self._cpu, cpu_times()
+        self.samples.append({"steal_share": steal_share(cpu, self._cpu),
             "t_s": round(time.monotonic() - t0, 1), "serve_rss_mb": serve.pop("total"), "serve_rss_by_process": serve,
             "estimator_rss_mb": _rss_mb(self.estimator_pid)["total"], "redis_mb": round(redis_mb, 2),
             "sent": len(observed), "in_flight": sum(1 for o in observed if o.ended_s is None)})
@@ -138,6 +140,23 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(self.interval_s):
             self.sample()
+
+
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (``/proc/stat``'s ``cpu`` line: user ... steal); None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            return [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """Of the CPU time between two ``cpu_times``, the share the hypervisor gave to others (steal): time this
+    virtual machine's processes were ready and no core ran them, which no niceness here can change."""
+    if before is None or after is None or sum(after) <= sum(before):
+        return None
+    return round((after[7] - before[7]) / (sum(after) - sum(before)), 4)
 
 
 def _slope_per_hour(samples: list[dict[str, float]], key: str) -> float | None:
@@ -317,6 +336,9 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
         "admitted": {"attainment": {c: r["attainment"] for c, r in overall["per_class"].items()},
                      "token_goodput": overall["token_goodput"], "request_goodput": overall["request_goodput"]},
         "memory": memory_summary(samples),
+        "steal_share": {"mean": _mean([x["steal_share"] for x in samples if x.get("steal_share") is not None]),
+                        "max": max((x["steal_share"] for x in samples if x.get("steal_share") is not None),
+                                   default=None)},
         # the API server's collections, and how late its event loop ran whatever the cause (None: it had exited)
         "gc_pauses": None if scrape is None else pauses(scrape, "tempo_gc_pause_seconds", "generation"),
         "loop_lag": None if scrape is None else {**pauses(scrape, "tempo_event_loop_lag_seconds").get("all", {}),
@@ -420,6 +442,10 @@ def admitted_work(outcomes: list[Any], sent: set[str], refused: set[str]) -> lis
     got_in = sent - refused
     admitted_jobs = {o.job_id for o in outcomes if o.job_id is not None and o.request_id in got_in}
     return [o for o in outcomes if (o.job_id in admitted_jobs if o.job_id is not None else o.request_id in got_in)]
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(float(np.mean(values)), 4) if values else None
 
 
 def _ms(seconds: float | None) -> float | None:
