@@ -173,6 +173,22 @@ def test_preemption_recomputes_and_rejection_reaches_the_client(engine: Any) -> 
     assert sched.tempo_report()["stats"]["rejections"] >= 1
 
 
+def test_a_policy_that_raises_keeps_the_last_plan_and_the_engine_serving(engine: Any) -> None:
+    calls = [0]
+
+    def script(s: Snapshot) -> Decision:
+        calls[0] += 1
+        if calls[0] % 3 == 0:  # a policy bug on every third step (vLLM stops on any scheduler error)
+            raise FloatingPointError("cannot convert float NaN to integer")
+        return Decision(run=tuple(r.request_id for r in s.requests))
+
+    sched = scheduler(engine)
+    before = sched._tempo_policy_errors
+    _, outputs = run(engine, {"a": (16, 8), "b": (16, 8)}, script)
+    assert all(len(outputs[n].outputs[0].token_ids) == 8 for n in ("a", "b"))
+    assert sched._tempo_policy_errors - before == calls[0] // 3 > 0
+
+
 def test_the_variant_follows_async_scheduling(engine: Any) -> None:
     from types import SimpleNamespace
 
