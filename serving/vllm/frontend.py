@@ -120,7 +120,7 @@ class SLOMiddleware:
         # What the request path builds lazily is built now, so the freeze takes it too: a collection would
         # traverse it all again, and the fallback ladders' ~2 s fit would stop the loop at the first fallback.
         _ = self.metrics, self.bounds
-        import tempo.models.features
+        import tempo.models.features  # the prompt sketch of every admitted request
 
         if self.config.estimator_url:
             import tempo.estimator.client  # noqa: F401
