@@ -165,9 +165,9 @@ def test_a_slow_spell_does_not_leave_the_client_falling_back_for_good(service: S
             slow += sum(not a[0].fallback for a in answers)
         proxy.set("pass")
         after = 0
-        for _ in range(40):  # the same bursts once the service is fast again
-            answers = await asyncio.gather(*(client.ladders_within([q], None, 0.05) for q in QUERIES[:24]))
-            after += sum(not a[0].fallback for a in answers)
+        for i in range(40):  # once the service is fast again: one call at a time, so that a loaded machine
+            answers = await client.ladders_within([QUERIES[i % 24]], None, 0.05)  # answers within 50 ms
+            after += not answers[0].fallback
             await asyncio.sleep(0.02)
         await client.aclose()
         return slow, after
@@ -176,4 +176,4 @@ def test_a_slow_spell_does_not_leave_the_client_falling_back_for_good(service: S
         slow, after = asyncio.run(main())
     finally:
         proxy.close()
-    assert slow == 0 and after > 40, after  # of 960 (each call opening a fresh connection: none)
+    assert slow == 0 and after >= 20, after  # of 40 (the cancelling client: none)
