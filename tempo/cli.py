@@ -126,7 +126,7 @@ def soak(
                         dedupe_ttl, seed, out, engine_nice, freeze_gc, alternate_load, block, settle)
     report = run_soak(config, console)
     summary = {k: report[k] for k in ("server", "config", "requests", "refusals", "load_generator", "rejections",
-                                      "admitted", "memory", "gc_pauses", "alternating")}
+                                      "admitted", "memory", "steal_share", "gc_pauses", "loop_lag", "alternating")}
     console.print_json(json.dumps(summary))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

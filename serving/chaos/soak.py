@@ -300,6 +300,9 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
     admitted = admitted_work(replayed.outcomes, set(replayed.observed), {r.request_id for r in refused})
     overall = account(admitted).to_dict()
     samples = sampler.samples
+    refusal_waits = [o.ended_s - o.sent_s for o in refused]
+    slow = [o for o in refused if o.ended_s - o.sent_s > 0.1]
+    steals = [x["steal_share"] for x in samples if x.get("steal_share") is not None]
     return {
         "server": server_outcome(server.process.returncode, server_exit_s, server.log),
         "config": {"duration_s": config.duration_s, "load": round(rps / saturation, 3), "rps": rps,
@@ -315,11 +318,10 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
                      "refused": len(refused), "rejected": len(rejected), "never_sent": replayed.never_sent,
                      "errors": replayed.errors},
         "refusals": {"reasons": {r: sum(1 for o in refused if o.reason == r) for r in {o.reason for o in refused}},
-                     "wait_ms_p50": _ms(_pct([o.ended_s - o.sent_s for o in refused], 0.5)),
-                     "wait_ms_p99": _ms(_pct([o.ended_s - o.sent_s for o in refused], 0.99)),
-                     "wait_ms_max": _ms(max((o.ended_s - o.sent_s for o in refused), default=None)),
-                     "over_100ms": sum(1 for o in refused if o.ended_s - o.sent_s > 0.1),
-                     "over_100ms_across_own_stall": sum(1 for o in refused if o.ended_s - o.sent_s > 0.1 and any(
+                     "wait_ms_p50": _ms(_pct(refusal_waits, 0.5)), "wait_ms_p99": _ms(_pct(refusal_waits, 0.99)),
+                     "wait_ms_max": _ms(max(refusal_waits, default=None)),
+                     "over_100ms": len(slow),
+                     "over_100ms_across_own_stall": sum(1 for o in slow if any(
                          a < o.ended_s and o.sent_s < b for a, b, _ in replayed.loop_stalls_s)),
                      # the same, seen by an idle client in its own process (the load generator's loop is busy)
                      "probe": probe_summary(probe_log)},
@@ -336,9 +338,7 @@ def run_soak(config: SoakConfig, console: Any) -> dict[str, Any]:
         "admitted": {"attainment": {c: r["attainment"] for c, r in overall["per_class"].items()},
                      "token_goodput": overall["token_goodput"], "request_goodput": overall["request_goodput"]},
         "memory": memory_summary(samples),
-        "steal_share": {"mean": _mean([x["steal_share"] for x in samples if x.get("steal_share") is not None]),
-                        "max": max((x["steal_share"] for x in samples if x.get("steal_share") is not None),
-                                   default=None)},
+        "steal_share": {"mean": _mean(steals), "max": max(steals, default=None)},
         # the API server's collections, and how late its event loop ran whatever the cause (None: it had exited)
         "gc_pauses": None if scrape is None else pauses(scrape, "tempo_gc_pause_seconds", "generation"),
         "loop_lag": None if scrape is None else {**pauses(scrape, "tempo_event_loop_lag_seconds").get("all", {}),
