@@ -1,4 +1,4 @@
-"""``tempo estimator ...``: serve, retrain, train, loadtest, worker, publish, rollback (and ``eval``,
+"""``tempo estimator ...``: serve, retrain, train, loadtest, worker, publish, rollback, replay-loop (and ``eval``,
 ``eval-graphs`` from models/).
 
 User errors (bad options, unreachable Redis, bad artifacts) raise TempoError: one line, exit code 2.
@@ -233,6 +233,42 @@ def rollback(redis_url: RedisUrl = None) -> None:
     """Re-activate the previously active model version."""
     settings = _settings(redis_url, None)
     typer.echo(_store(settings).rollback())
+
+
+@estimator_app.command("replay-loop")
+def replay_loop_command(
+    loop: Annotated[Path, typer.Argument(help="A JSON written by 'tempo bench --engine vllm --learning-loop'.",
+                                         exists=True, dir_okay=False)],
+    orders: Annotated[int, typer.Option(help="Random orders of the same completions to replay.", min=0)] = 12,
+    window: Annotated[list[int] | None, typer.Option(help="Rolling-coverage window (repeat for several).",
+                                                     min=10)] = None,
+    after: Annotated[int, typer.Option(help="Judge the windows ending at or after this completion.", min=1)] = 300,
+    served_model: Annotated[str, typer.Option(help="The model name the loop's requests carried.")] = (
+        "SmolLM2-135M-Instruct"),
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+) -> None:
+    """Replay a recorded learning loop offline through the estimator (batch model, River, calibrators): its
+    rolling coverage in the recorded order, in random orders of the same completions, and an ideal bound's
+    (covered with probability q, independently), so one order's luck is told apart from the learner's doing.
+    The length model is the demo's bootstrap (trained on other LLMs' lengths; cached)."""
+    from rich.progress import Progress
+    from tempo.serving.bench.learning_replay import replay_loop
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("replaying", total=1.0)
+        report = replay_loop(loop, orders=orders, windows=tuple(window or (100, 200, 300)), after=after,
+                             served_model=served_model, on_progress=lambda f: progress.update(task, completed=f))
+    summary = {w: {"recorded_from": r["recorded"]["within_0.03_from"],
+                   "replayed_from": r["replayed_recorded_order"]["within_0.03_from"],
+                   f"random_orders_within_by_{after}": r["replayed_random_orders"][f"within_0.03_by_{after}"],
+                   "random_orders_late_share_within": round(r["replayed_random_orders"]["late_share_within_0.03"], 3),
+                   "ideal_p_every_window_within": r["ideal_bound"]["p_every_window_within_0.03"],
+                   "ideal_late_share_within": round(r["ideal_bound"]["late_share_within_0.03"], 3)}
+               for w, r in report["windows"].items()}
+    typer.echo(json.dumps(summary, indent=1))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1))
 
 
 # -- eval-graphs lives in models/ and needs numpy only -------------------------------------------------------

@@ -89,8 +89,10 @@ def run_demo(console: Console, duration_s: float = 40.0, load: float = 2.0, seed
     with Stack() as stack, Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                                     console=console, transient=True) as progress:
         task = progress.add_task("starting Redis")
+        marks: list[tuple[str, float]] = [("Redis", started)]
 
         def stage(text: str) -> None:
+            marks.append((text, time.perf_counter()))
             progress.update(task, description=text)
 
         redis = stack.add(LocalRedis())
@@ -101,13 +103,21 @@ def run_demo(console: Console, duration_s: float = 40.0, load: float = 2.0, seed
         served = ["--redis-url", redis.url, "--estimator-url", estimator.url]
         replayed = replay_variants(stack, {p: ["--policy", p, *served] for p in ("fcfs", "tempo")}, model, logs,
                                    stage, duration_s, load, seed, rps)
-    report = {**replayed.report, "wall_s": round(time.perf_counter() - started, 1)}
+    ended = time.perf_counter()
+    report = {**replayed.report, "wall_s": round(ended - started, 1), "phases_s": phase_seconds(marks, ended)}
     _print(console, report, replayed.workload, replayed.answers)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(report, indent=1))
     _plot(report, out / "demo.png")
-    console.print(f"wrote {out / 'demo.json'} and {out / 'demo.png'}; took {report['wall_s']:.0f} s")
+    console.print(f"wrote {out / 'demo.json'} and {out / 'demo.png'}; took {report['wall_s']:.0f} s: "
+                  + ", ".join(f"{text.split(' (')[0]} {s:.0f} s" for text, s in report["phases_s"] if s >= 1))
     return report
+
+
+def phase_seconds(marks: list[tuple[str, float]], ended: float) -> list[tuple[str, float]]:
+    """(phase, seconds) from (phase, start) marks: where the demo's time went (the last phase ends at ``ended``)."""
+    ends = [t for _, t in marks[1:]] + [ended]
+    return [(text, round(end - start, 1)) for (text, start), end in zip(marks, ends, strict=True)]
 
 
 @dataclass
@@ -157,6 +167,7 @@ def replay_variants(stack: Any, variants: dict[str, list[str]], model: str, logs
         after = asyncio.run(scrape_metrics(server.url))
         runs[label] = summarize_run(label, 0, workload, result, before, after, 1.0)
         answers[label] = result.observed
+        stage(f"{label}: stopping tempo serve")
         server.stop()
     return Replayed({"calibration": calibration, "rps": rps, "duration_s": duration_s, "load": load,
                      "requests": len(workload), "runs": runs}, workload, answers)

@@ -1,0 +1,163 @@
+"""A recorded learning loop replayed offline (``tempo estimator replay-loop``): is its coverage the learner's
+doing or the luck of one order?
+
+``tempo bench --engine vllm --learning-loop`` records, per completion, the served bound and the answer's
+length. The rolling coverage it reports is one path: 600 completions in one order, with windows of 100,
+where the binomial noise of a window alone (sd 0.03 at q = 0.9) is as large as the 0.03 the coverage is
+asked to stay within. This replays the same completions through the estimator's own code (``Estimator``:
+the batch model, the River model, the adaptive calibrators) without an engine, serving each request's
+bound ``lag`` completions behind (the loop's concurrency), in the recorded order and in random orders;
+and it draws the same windows from an ideal bound (covered independently with probability q). Not
+replayed: the estimator's fallbacks under load and the mid-run retrain.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from collections.abc import Sequence
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from tempo.serving.bench.learning_loop import loop_prompts, rolling
+
+from tempo.errors import TempoError
+
+TRUE_LENGTHS = ("stop", "length")
+
+
+def load_loop(path: Path) -> dict[str, Any]:
+    """A ``--learning-loop`` JSON with its records checked: each has a ``loop-<i>`` id, a length, a bound."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TempoError(f"{path}: not a readable JSON file ({exc})") from None
+    records = data.get("records") if isinstance(data, dict) else None
+    if not isinstance(records, list) or not records:
+        raise TempoError(f"{path}: no 'records' list (write one with tempo bench --engine vllm --learning-loop)")
+    for n, r in enumerate(records):
+        ok = (isinstance(r, dict) and isinstance(r.get("output_tokens"), int) and "request_id" in r
+              and prompt_index(str(r["request_id"])) is not None)
+        if not ok:
+            raise TempoError(f"{path}: record {n} is not a learning-loop completion (request_id 'loop-<i>', "
+                             "output_tokens, bound)")
+    return data
+
+
+def prompt_index(request_id: str) -> int | None:
+    """The prompt a loop request carried: its id holds ``loop-<i>`` (the i-th of ``loop_prompts``)."""
+    parts = request_id.split("-")
+    for a, b in pairwise(parts):
+        if a == "loop" and b.isdigit():
+            return int(b)
+    return None
+
+
+def replay_bounds(records: Sequence[dict[str, Any]], prompts: Sequence[tuple[str, str, str]], served: Any,
+                  lag: int, served_model: str, max_tokens: int, quantile: float = 0.9,
+                  learner: Any = None) -> list[int]:
+    """The bound the estimator would serve each record's request, learning from the records in the given
+    order; request k is served when completions 0 .. k - lag - 1 have been learned."""
+    from tempo.estimator.engine import Estimator
+    from tempo.estimator.schemas import EstimateRequest
+
+    estimator = Estimator(quantile, learner=learner)
+    estimator.swap(served)
+
+    def fields(r: dict[str, Any]) -> dict[str, Any]:
+        cls, app, text = prompts[prompt_index(str(r["request_id"])) or 0]
+        return {"prompt": text, "app": r.get("app") or app, "model": served_model,
+                "slo_class": r.get("slo_class") or cls}
+
+    bounds = []
+    for k, record in enumerate(records):
+        if k - lag - 1 >= 0:
+            done = records[k - lag - 1]
+            f = fields(done)
+            estimator.apply([{**f, "prompt_tokens": len(f["prompt"]) // 4, "output_tokens": done["output_tokens"],
+                              "finish_reason": done.get("finish_reason")}])
+        f = fields(record)
+        request = EstimateRequest(prompt=f["prompt"], slo_class=f["slo_class"], app=f["app"], model=served_model,
+                                  max_tokens=max_tokens)
+        bounds.append(estimator.estimate([request])[0].upper_bound)
+    return bounds
+
+
+def window_stats(records: Sequence[dict[str, Any]], window: int, quantile: float, after: int) -> dict[str, Any]:
+    """Rolling coverage in windows of ``window`` completions: from where it stays within 0.03 of q, and the
+    windows ending at or after ``after``: the share within 0.03 and their mean coverage."""
+    roll = rolling(list(records), window, quantile)
+    late = [p["coverage"] for p in roll["points"] if p["completions"] >= after]
+    return {"within_0.03_from": roll["within_0.03_from"],
+            "late_share_within_0.03": sum(abs(c - quantile) <= 0.03 + 1e-9 for c in late) / len(late) if late else None,
+            "late_mean_coverage": statistics.fmean(late) if late else None}
+
+
+def ideal_windows(n: int, window: int, quantile: float, after: int, trials: int = 2000,
+                  seed: int = 0) -> dict[str, Any]:
+    """The same windows for an ideal bound: each of ``n`` completions covered independently with probability
+    q. How often every window from ``after`` on is within 0.03 of q, and the share of such windows that is."""
+    rng = random.Random(seed)
+    every, shares = 0, []
+    for _ in range(trials):
+        covered = [rng.random() < quantile for _ in range(n)]
+        sums = [0]
+        for c in covered:
+            sums.append(sums[-1] + c)
+        late = [(sums[e] - sums[e - window]) / window for e in range(window, n + 1, max(1, window // 5)) if e >= after]
+        within = [abs(c - quantile) <= 0.03 + 1e-9 for c in late]
+        every += all(within)
+        shares.append(sum(within) / len(within) if within else 0.0)
+    return {"p_every_window_within_0.03": every / trials, "late_share_within_0.03": statistics.fmean(shares)}
+
+
+def summarize_orders(stats: Sequence[dict[str, Any]], after: int) -> dict[str, Any]:
+    froms = [s["within_0.03_from"] for s in stats]
+    return {"orders": len(stats),
+            f"within_0.03_by_{after}": sum(f is not None and f <= after for f in froms),
+            "within_0.03_from": froms,
+            "late_share_within_0.03": statistics.fmean(s["late_share_within_0.03"] for s in stats),
+            "late_mean_coverage": statistics.fmean(s["late_mean_coverage"] for s in stats)}
+
+
+def replay_loop(path: Path, orders: int = 12, windows: Sequence[int] = (100, 200, 300), after: int = 300,
+                served_model: str = "SmolLM2-135M-Instruct", artifact: Path | None = None, seed: int = 0,
+                on_progress: Any = None) -> dict[str, Any]:
+    """The recorded loop's coverage, its replay in the recorded order and in ``orders`` random orders, and an
+    ideal bound's, for each window size."""
+    from tempo.estimator.engine import ServedModel
+    from tempo.serving.vllm.stack import bootstrap_artifact
+
+    data = load_loop(path)
+    records = [r for r in data["records"] if r.get("finish_reason") in TRUE_LENGTHS]
+    quantile = float(data.get("quantile", 0.9))
+    lag = max(0, int(data.get("concurrency", 16)) - 1)
+    max_tokens = int(data.get("max_tokens", 512))
+    prompts = loop_prompts(max(prompt_index(str(r["request_id"])) or 0 for r in records) + 1)
+    served = ServedModel.load(artifact or bootstrap_artifact())
+    rng = random.Random(seed)
+    paths = {"recorded order": records}
+    for k in range(orders):
+        shuffled = records[:]
+        rng.shuffle(shuffled)
+        paths[f"order {k + 1}"] = shuffled
+    replayed: dict[str, list[dict[str, Any]]] = {}
+    for n, (name, order) in enumerate(paths.items()):
+        bounds = replay_bounds(order, prompts, served, lag, served_model, max_tokens, quantile)
+        replayed[name] = [{**r, "bound": b} for r, b in zip(order, bounds, strict=True)]
+        if on_progress is not None:
+            on_progress((n + 1) / len(paths))
+    out: dict[str, Any] = {"source": str(path), "completions": len(records), "quantile": quantile, "lag": lag,
+                           "max_tokens": max_tokens, "after": after, "windows": {}}
+    for window in windows:
+        out["windows"][str(window)] = {
+            "recorded": window_stats(records, window, quantile, after),
+            "replayed_recorded_order": window_stats(replayed["recorded order"], window, quantile, after),
+            "replayed_random_orders": summarize_orders(
+                [window_stats(v, window, quantile, after) for k, v in replayed.items() if k != "recorded order"],
+                after),
+            "ideal_bound": ideal_windows(len(records), window, quantile, after, seed=seed),
+        }
+    return out
