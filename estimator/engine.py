@@ -190,8 +190,10 @@ class Estimator:
 
     def __init__(self, quantile: float, learner: OnlineLengthLearner | None = None,
                  fallback: FallbackBounds | None = None, cache_size: int = 8192,
-                 graphs: GraphStore | None = None, job_done_s: float = 120.0) -> None:
+                 graphs: GraphStore | None = None, job_done_s: float = 120.0, recent_size: int = 500) -> None:
         self.quantile = quantile
+        # the last completions learned (sketches, not prompts): a model swapped in is calibrated on them
+        self.recent: deque[Observation] = deque(maxlen=recent_size)
         # compound jobs: the pattern graphs of finished jobs, learned from the completion records
         self.graphs = graphs or GraphStore(quantile=quantile)
         self.jobs = JobRecorder(done_after_s=job_done_s)
@@ -206,10 +208,17 @@ class Estimator:
 
     # -- model -----------------------------------------------------------------------------------
     def swap(self, served: ServedModel | None) -> None:
-        """Serve another batch model; its calibrators start afresh (it was calibrated on newer data)."""
+        """Serve another batch model. Its calibrators start from the recent completions scored with its own
+        bounds, not from the old model's offsets (fitted to another model's errors) nor from none: a model
+        retrained on capped lengths covers its hold-out fully, and left uncalibrated it over-reserves for the
+        hundreds of completions an online calibrator takes to correct it."""
+        with self.lock:
+            recent = list(self.recent)
+        raw = served.model.predict_bound([o.request for o in recent]) if served is not None and recent else []
         with self.lock:
             self.served = served
             self.learner.reset_source("batch")
+            self.learner.calibrate_source("batch", recent[:len(raw)], [float(b) for b in raw])
 
     def set_learner(self, learner: OnlineLengthLearner) -> None:
         with self.lock:
@@ -343,6 +352,7 @@ class Estimator:
             self._learn_jobs(None)  # on the records' clock: later calls of a job may still be in the backlog
             for record, o in parsed:
                 self.learner.learn_one(o)
+                self.recent.append(o)
                 length = int(o.length)
                 slo_class = o.request.slo_class or "latency"
                 self.fallback.observe(slo_class, length)

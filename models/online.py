@@ -219,15 +219,24 @@ class OnlineLengthLearner:
         if obs.batch_bound is not None:
             raw["batch"] = obs.batch_bound
         for source, bound in raw.items():
-            for key in self._calibrator_chain(source, request.model, request.app):
-                cal = self.calibrators_.get(key)
-                if cal is None:
-                    cal = self.calibrators_[key] = AdaptiveCalibrator(self.quantile, **self.calibrator_params)
-                cal.learn_one(bound, obs.length)
+            self._learn_calibrators(source, request, bound, obs.length)
         self.river_.learn_one(x, obs.length)
         count_key = _key("n", request.model, request.app)
         self.counts_[count_key] = self.counts_.get(count_key, 0) + 1
         self.n_applied_ += 1
+
+    def _learn_calibrators(self, source: str, request: RequestInfo, raw_bound: float, length: float) -> None:
+        for key in self._calibrator_chain(source, request.model, request.app):
+            cal = self.calibrators_.get(key)
+            if cal is None:
+                cal = self.calibrators_[key] = AdaptiveCalibrator(self.quantile, **self.calibrator_params)
+            cal.learn_one(raw_bound, length)
+
+    def calibrate_source(self, source: str, observations: Sequence[Observation], raw_bounds: Sequence[float]) -> None:
+        """Learn only ``source``'s calibrators from past completions scored with its raw bounds now: a batch
+        model swapped in starts calibrated on the recent completions instead of from its raw bound."""
+        for obs, bound in zip(observations, raw_bounds, strict=True):
+            self._learn_calibrators(source, obs.request, bound, obs.length)
 
     def reset_source(self, source: str) -> None:
         """Forget the calibrators of one source (a new batch model comes with its own calibration)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from tempo.models.features import FeatureSpec, PromptSketch, RequestInfo
 from tempo.models.online import AdaptiveCalibrator, Observation, OnlineLengthLearner, OnlineQuantileModel
 
@@ -72,3 +73,31 @@ def test_reset_source_forgets_only_that_source() -> None:
     learner.reset_source("batch")
     assert learner.factor("batch", "m", "A") == 1.0
     assert any(k.startswith("river|") for k in learner.calibrators_)
+
+
+def test_calibrate_source_learns_only_that_sources_calibrators() -> None:
+    learner = OnlineLengthLearner(quantile=0.9, min_obs=10)
+    observations = [_obs("m", "A", 50.0, None) for _ in range(40)]
+    learner.calibrate_source("batch", observations, [400.0] * 40)  # the new model bounds 8x the lengths
+    assert learner.factor("batch", "m", "A") < 1.0
+    assert not any(k.startswith("river|") for k in learner.calibrators_)
+    assert learner.n_applied_ == 0 and not learner.counts_  # a calibration pass, not new completions
+
+
+def test_a_swapped_in_model_starts_calibrated_on_the_recent_completions() -> None:
+    pytest.importorskip("sklearn")
+    from tempo.estimator.castillo_stream import small_artifact
+    from tempo.estimator.engine import Estimator, ServedModel
+
+    served = ServedModel.load(small_artifact())
+    records = [{"prompt": f"say hi {i}", "prompt_tokens": 4, "app": "Alpaca", "model": "m", "slo_class": "latency",
+                "output_tokens": 2, "finish_reason": "stop"} for i in range(120)]
+    factors = {}
+    for recent_size in (500, 0):  # 0: keeps no completion, so a swap starts from the raw bound (as before)
+        estimator = Estimator(0.9, recent_size=recent_size)
+        estimator.swap(served)
+        estimator.apply(records)
+        assert estimator.learner.factor("batch", "m", "Alpaca") < 0.5  # answers of 2 tokens: bounds come down
+        estimator.swap(ServedModel.load(small_artifact()))  # a new version: its calibrators start again
+        factors[recent_size] = estimator.learner.factor("batch", "m", "Alpaca")
+    assert factors[500] < 0.5 and factors[0] == 1.0

@@ -7,8 +7,9 @@ where the binomial noise of a window alone (sd 0.03 at q = 0.9) is as large as t
 asked to stay within. This replays the same completions through the estimator's own code (``Estimator``:
 the batch model, the River model, the adaptive calibrators) without an engine, serving each request's
 bound ``lag`` completions behind (the loop's concurrency), in the recorded order and in random orders;
-and it draws the same windows from an ideal bound (covered independently with probability q). Not
-replayed: the estimator's fallbacks under load and the mid-run retrain.
+and it draws the same windows from an ideal bound (covered independently with probability q). The
+recorded order is also replayed with the loop's mid-run retrain (a batch model fitted on the completions so
+far, swapped in at once) and scored with the fallback bounds the loop served under load kept as served.
 """
 
 from __future__ import annotations
@@ -55,13 +56,31 @@ def prompt_index(request_id: str) -> int | None:
     return None
 
 
+def retrained(records: Sequence[dict[str, Any]], quantile: float) -> Any:
+    """The batch model ``tempo estimator retrain`` fits on these completion records (no gate: the loop's was
+    activated), as the estimator serves it."""
+    from tempo.estimator.engine import ServedModel
+    from tempo.estimator.retrain import samples_from_records
+    from tempo.models.features import FeatureSpec
+    from tempo.models.length_bounds import LengthBoundModel
+
+    parts = samples_from_records(list(records), FeatureSpec())
+    model = LengthBoundModel(quantile=quantile).fit(parts["fit"]).calibrate(parts["calibration"], groups_by_app=True)
+    return ServedModel(f"retrained-{len(records)}", model, "", frozenset(model.spec.apps),
+                       frozenset(model.spec.models))
+
+
 def replay_bounds(records: Sequence[dict[str, Any]], prompts: Sequence[tuple[str, str, str]], served: Any,
                   lag: int, served_model: str, max_tokens: int, quantile: float = 0.9,
-                  learner: Any = None) -> list[int]:
+                  learner: Any = None, retrain_at: int | None = None, on_swap: str = "recalibrate") -> list[int]:
     """The bound the estimator would serve each record's request, learning from the records in the given
-    order; request k is served when completions 0 .. k - lag - 1 have been learned."""
+    order; request k is served when completions 0 .. k - lag - 1 have been learned. ``retrain_at``: once
+    that many are learned, a batch model retrained on them is swapped in; ``on_swap``: its calibrators
+    learned from the recent completions as the service does (``recalibrate``), the old model's ``kept``,
+    or started ``afresh`` (the service before stop 23)."""
     from tempo.estimator.engine import Estimator
     from tempo.estimator.schemas import EstimateRequest
+    from tempo.models.features import FeatureSpec, PromptSketch, pack_sketch
 
     estimator = Estimator(quantile, learner=learner)
     estimator.swap(served)
@@ -71,13 +90,26 @@ def replay_bounds(records: Sequence[dict[str, Any]], prompts: Sequence[tuple[str
         return {"prompt": text, "app": r.get("app") or app, "model": served_model,
                 "slo_class": r.get("slo_class") or cls}
 
+    spec = FeatureSpec()
+    learned: list[dict[str, Any]] = []
     bounds = []
     for k, record in enumerate(records):
         if k - lag - 1 >= 0:
             done = records[k - lag - 1]
             f = fields(done)
-            estimator.apply([{**f, "prompt_tokens": len(f["prompt"]) // 4, "output_tokens": done["output_tokens"],
-                              "finish_reason": done.get("finish_reason")}])
+            learned.append({**{key: v for key, v in f.items() if key != "prompt"},
+                            "sketch": pack_sketch(PromptSketch.of(f["prompt"], spec), spec),
+                            "prompt_tokens": len(f["prompt"]) // 4, "output_tokens": done["output_tokens"],
+                            "finish_reason": done.get("finish_reason")})
+            estimator.apply(learned[-1:])
+            if len(learned) == retrain_at:
+                new = retrained(learned, quantile)
+                if on_swap == "recalibrate":
+                    estimator.swap(new)
+                else:
+                    estimator.served = new
+                    if on_swap == "afresh":
+                        estimator.learner.reset_source("batch")
         f = fields(record)
         request = EstimateRequest(prompt=f["prompt"], slo_class=f["slo_class"], app=f["app"], model=served_model,
                                   max_tokens=max_tokens)
@@ -151,10 +183,28 @@ def replay_loop(path: Path, orders: int = 12, windows: Sequence[int] = (100, 200
             on_progress((n + 1) / len(paths))
     out: dict[str, Any] = {"source": str(path), "completions": len(records), "quantile": quantile, "lag": lag,
                            "max_tokens": max_tokens, "after": after, "windows": {}}
+    # the recorded order again: with the bounds the live loop took from its local fallback kept as served,
+    # and with its retrain (if one was activated), each way a swapped-in model's calibrators can start
+    with_fallbacks = [r if r.get("bound_fallback") and r.get("bound") else p
+                      for r, p in zip(records, replayed["recorded order"], strict=True)]
+    out["fallbacks"] = sum(bool(r.get("bound_fallback")) for r in records)
+    retrain = data.get("retrain") or {}
+    out["retrain_at"] = retrain_at = (int(retrain["started_at"]) if (retrain.get("report") or {}).get("status")
+                                      == "activated" else None)
+    with_retrain = {}
+    if retrain_at is not None:
+        for name, on_swap in (("replayed_recorded_order_with_its_retrain", "recalibrate"),
+                              ("replayed_recorded_order_with_its_retrain_calibrators_kept", "kept"),
+                              ("replayed_recorded_order_with_its_retrain_calibrators_afresh", "afresh")):
+            bounds = replay_bounds(records, prompts, served, lag, served_model, max_tokens, quantile,
+                                   retrain_at=retrain_at, on_swap=on_swap)
+            with_retrain[name] = [{**r, "bound": b} for r, b in zip(records, bounds, strict=True)]
     for window in windows:
         out["windows"][str(window)] = {
             "recorded": window_stats(records, window, quantile, after),
             "replayed_recorded_order": window_stats(replayed["recorded order"], window, quantile, after),
+            "replayed_recorded_order_with_its_fallbacks": window_stats(with_fallbacks, window, quantile, after),
+            **{name: window_stats(v, window, quantile, after) for name, v in with_retrain.items()},
             "replayed_random_orders": summarize_orders(
                 [window_stats(v, window, quantile, after) for k, v in replayed.items() if k != "recorded order"],
                 after),
