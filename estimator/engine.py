@@ -192,7 +192,8 @@ class Estimator:
                  fallback: FallbackBounds | None = None, cache_size: int = 8192,
                  graphs: GraphStore | None = None, job_done_s: float = 120.0, recent_size: int = 500) -> None:
         self.quantile = quantile
-        # the last completions learned (sketches, not prompts): a model swapped in is calibrated on them
+        # the last completions this process learned (sketches, not prompts; none kept across a restart): a
+        # model swapped in is calibrated on them
         self.recent: deque[Observation] = deque(maxlen=recent_size)
         # compound jobs: the pattern graphs of finished jobs, learned from the completion records
         self.graphs = graphs or GraphStore(quantile=quantile)
