@@ -98,6 +98,8 @@ def bench_command(
     learning_loop: Annotated[bool, typer.Option(help="--engine vllm: the estimator learning the served model's "
                                                 "own lengths online (SmolLM2, natural lengths).")] = False,
     completions: Annotated[int, typer.Option(help="--learning-loop: completions to send.", min=50)] = 600,
+    compare: Annotated[bool, typer.Option(help="--learning-loop: then Tempo on the demo's mix with each source of "
+                                          "bounds (three more servers, minutes).")] = True,
     calibrate: Annotated[bool, typer.Option(help="--engine vllm: only measure the engine (unloaded TTFT by prompt "
                                             "length, inter-token time, FCFS saturation) and write the calibrated "
                                             "SLOs (--json).")] = False,
@@ -127,7 +129,8 @@ def bench_command(
         from tempo.serving.bench.vllm_cli import EngineBenchArgs, engine_bench, engine_learning_loop
 
         if learning_loop:
-            engine_learning_loop("smollm2" if serve_model == "tiny" else serve_model, completions, json_out, console)
+            engine_learning_loop("smollm2" if serve_model == "tiny" else serve_model, completions, json_out, console,
+                                 compare)
             return
 
         engine_bench(EngineBenchArgs(specs, workload, rps, QUICK_DURATION_S if quick else duration, mix, arrivals,

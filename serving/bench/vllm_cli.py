@@ -200,11 +200,13 @@ def engine_cost(running: str, json_out: Path | None, console: Console) -> None:
         console.print(f"wrote {json_out}")
 
 
-def engine_learning_loop(model: str, completions: int, json_out: Path | None, console: Console) -> None:
+def engine_learning_loop(model: str, completions: int, json_out: Path | None, console: Console,
+                         compare: bool = True) -> None:
     from tempo.serving.bench.learning_loop import run_learning_loop
 
     with console.status("learning loop ...") as status:
-        result = run_learning_loop(n=completions, model=model, stage=lambda s: status.update(f"learning loop: {s}"))
+        result = run_learning_loop(n=completions, model=model, stage=lambda s: status.update(f"learning loop: {s}"),
+                                   compare=compare)
     roll = result["rolling"]
     table = Table(title=f"rolling coverage of the served bound (q = 0.9, windows of {roll['window']} "
                         "completions)", title_justify="left")
