@@ -65,3 +65,6 @@ def test_the_replay_learns_short_answers_down_from_the_bootstrap_bound(tmp_path:
     assert stats["replayed_random_orders"]["orders"] == 2
     # every answer is 12 tokens: the calibrators bring the bounds down until some answers are missed
     assert stats["replayed_recorded_order"]["late_mean_coverage"] < 1.0
+    # no random orders: their summary is empty, not an error
+    alone = replay_loop(path, orders=0, windows=(40,), after=80, artifact=small_artifact())
+    assert alone["windows"]["40"]["replayed_random_orders"]["late_mean_coverage"] is None

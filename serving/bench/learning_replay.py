@@ -145,13 +145,18 @@ def ideal_windows(n: int, window: int, quantile: float, after: int, trials: int 
     return {"p_every_window_within_0.03": every / trials, "late_share_within_0.03": statistics.fmean(shares)}
 
 
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
 def summarize_orders(stats: Sequence[dict[str, Any]], after: int) -> dict[str, Any]:
     froms = [s["within_0.03_from"] for s in stats]
     return {"orders": len(stats),
             f"within_0.03_by_{after}": sum(f is not None and f <= after for f in froms),
             "within_0.03_from": froms,
-            "late_share_within_0.03": statistics.fmean(s["late_share_within_0.03"] for s in stats),
-            "late_mean_coverage": statistics.fmean(s["late_mean_coverage"] for s in stats)}
+            "late_share_within_0.03": _mean([s["late_share_within_0.03"] for s in stats]),
+            "late_mean_coverage": _mean([s["late_mean_coverage"] for s in stats])}
 
 
 def replay_loop(path: Path, orders: int = 12, windows: Sequence[int] = (100, 200, 300), after: int = 300,
