@@ -91,6 +91,11 @@ def _window_points(records: list[dict[str, Any]], window: int) -> list[dict[str,
     return points
 
 
+def within_target(coverage: float, quantile: float) -> bool:
+    """Whether a window's coverage is within 0.03 of q (0.93 of 100 counts: no float slack decides it)."""
+    return abs(coverage - quantile) <= 0.03 + 1e-9
+
+
 def rolling(records: list[dict[str, Any]], window: int, quantile: float) -> dict[str, Any]:
     """Coverage of the served initial bound and reserved/used over the stream, in windows of completions.
 
@@ -102,7 +107,7 @@ def rolling(records: list[dict[str, Any]], window: int, quantile: float) -> dict
     done = [r for r in records if r.get("finish_reason") in ("stop", "length") and r.get("bound")]
     points = _window_points(done, window)
     within = next((p["completions"] for i, p in enumerate(points)
-                   if all(abs(q["coverage"] - quantile) <= 0.03 + 1e-9 for q in points[i:])), None)
+                   if all(within_target(q["coverage"], quantile) for q in points[i:])), None)
     stopped = [r for r in done if r["finish_reason"] == "stop"]
     return {"window": window, "points": points, "stop_points": _window_points(stopped, window),
             "stop_completions": len(stopped), "capped_completions": len(done) - len(stopped),

@@ -22,7 +22,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from tempo.serving.bench.learning_loop import loop_prompts, rolling
+from tempo.serving.bench.learning_loop import loop_prompts, rolling, within_target
 
 from tempo.errors import TempoError
 
@@ -123,7 +123,7 @@ def window_stats(records: Sequence[dict[str, Any]], window: int, quantile: float
     roll = rolling(list(records), window, quantile)
     late = [p["coverage"] for p in roll["points"] if p["completions"] >= after]
     return {"within_0.03_from": roll["within_0.03_from"],
-            "late_share_within_0.03": sum(abs(c - quantile) <= 0.03 + 1e-9 for c in late) / len(late) if late else None,
+            "late_share_within_0.03": sum(within_target(c, quantile) for c in late) / len(late) if late else None,
             "late_mean_coverage": statistics.fmean(late) if late else None}
 
 
@@ -139,7 +139,7 @@ def ideal_windows(n: int, window: int, quantile: float, after: int, trials: int 
         for c in covered:
             sums.append(sums[-1] + c)
         late = [(sums[e] - sums[e - window]) / window for e in range(window, n + 1, max(1, window // 5)) if e >= after]
-        within = [abs(c - quantile) <= 0.03 + 1e-9 for c in late]
+        within = [within_target(c, quantile) for c in late]
         every += all(within)
         shares.append(sum(within) / len(within) if within else 0.0)
     return {"p_every_window_within_0.03": every / trials, "late_share_within_0.03": statistics.fmean(shares)}
