@@ -32,7 +32,7 @@ from tempo.models.features import (
 from tempo.models.job_graphs import GraphEstimate, GraphStore
 from tempo.models.length_bounds import LengthBoundModel
 from tempo.models.online import Observation, OnlineLengthLearner
-from tempo.scheduler.bounds import BoundLadder
+from tempo.scheduler.bounds import BoundLadder, prompt_tokens_of_text
 from tempo.scheduler.jobs import JobGraph
 
 CLASSES = ("latency", "deadline", "compound", "best_effort")
@@ -129,7 +129,16 @@ def is_true_length(record: dict[str, Any]) -> bool:
 def estimate_prompt_tokens(request: EstimateRequest) -> int:
     if request.prompt_tokens is not None:
         return int(request.prompt_tokens)
-    return max(1, math.ceil(len(request.prompt or "") / 4))  # ~4 characters per token
+    return prompt_tokens_of_text(request.prompt)
+
+
+def learned_prompt_tokens(record: dict[str, Any]) -> int:
+    """The prompt length a completion is learned with: the one its bound was estimated for when serving
+    recorded it (``estimate_prompt_tokens``: a guess from the text), else the engine's count. The engine's
+    count of a chat request includes its template; learning from it while serving from the guess would
+    fit the model and its calibrators to features the served bounds never see."""
+    value = record.get("estimate_prompt_tokens")
+    return int(value if value is not None else record["prompt_tokens"])
 
 
 def _scaled(ladder: BoundLadder, factor: float, max_tokens: int | None) -> list[tuple[int, int]]:
@@ -321,7 +330,7 @@ class Estimator:
             if not (isinstance(app, str | None) and isinstance(model, str | None)
                     and isinstance(record["slo_class"], str)):
                 return None
-            info = RequestInfo(int(record["prompt_tokens"]), app, model, record["slo_class"], sketch=sketch)
+            info = RequestInfo(learned_prompt_tokens(record), app, model, record["slo_class"], sketch=sketch)
             length = float(record["output_tokens"])
         except (KeyError, TypeError, ValueError):
             return None

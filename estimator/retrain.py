@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tempo.estimator.engine import ServedModel, is_true_length, manifest_digest
+from tempo.estimator.engine import ServedModel, is_true_length, learned_prompt_tokens, manifest_digest
 from tempo.estimator.settings import Settings
 from tempo.estimator.store import RETRAIN_GROUP, Store
 from tempo.models.artifact import save_artifact
@@ -62,16 +62,16 @@ def samples_from_records(records: list[dict[str, Any]], spec: FeatureSpec,
             continue
         try:
             sketch = unpack_sketch(sketch_data, spec)
-            int(record["prompt_tokens"])
+            prompt_tokens = learned_prompt_tokens(record)
         except (KeyError, TypeError, ValueError):
             continue
         prompt_key = hashlib.sha256(np.asarray(sketch.indices, dtype=np.int64).tobytes()
-                                    + f"|{record['prompt_tokens']}|{sketch.n_chars}".encode()).hexdigest()
+                                    + f"|{prompt_tokens}|{sketch.n_chars}".encode()).hexdigest()
         part = groups[_slice(prompt_key, fractions)]
         key = f"{prompt_key}|{record.get('model')}|{record.get('app')}|{record['slo_class']}"
         if key not in part["keys"]:
             part["keys"][key] = len(part["requests"])
-            part["requests"].append(RequestInfo(int(record["prompt_tokens"]), record.get("app"), record.get("model"),
+            part["requests"].append(RequestInfo(prompt_tokens, record.get("app"), record.get("model"),
                                                 record["slo_class"], sketch=sketch))
         part["index"].append(part["keys"][key])
         part["lengths"].append(float(record["output_tokens"]))

@@ -120,6 +120,9 @@ class CompletionRecord(_Strict):
     app: Name | None = None
     slo_class: SLOClassName
     prompt_tokens: int = Field(ge=0, le=MAX_TOKENS)
+    estimate_prompt_tokens: int | None = Field(
+        None, ge=0, le=MAX_TOKENS, description="the prompt length the bound was estimated for (serving's guess "
+        "from the text, when the engine's count includes a chat template): learned with instead of prompt_tokens")
     prompt: Prompt | None = Field(None, description="hashed into a sketch; kept only when configured")
     sketch: Sketch | None = Field(None, description="the prompt's hashed sketch, when serving computed it")
     output_tokens: int = Field(ge=1, le=MAX_TOKENS)

@@ -78,6 +78,12 @@ class BoundQuery:
     prompt: str | None = None  # text, when the provider uses it and the deployment keeps it
 
 
+def prompt_tokens_of_text(text: str | None) -> int:
+    """A query's ``prompt_tokens`` when only the text is known (~4 characters per token): what serving and
+    the estimator guess before the engine tokenizes, and what serving records for the learner to use too."""
+    return max(1, -(-len(text or "") // 4))
+
+
 @runtime_checkable
 class BoundProvider(Protocol):
     """Anything that turns queries into ladders: an in-process estimator, the service client, a constant."""

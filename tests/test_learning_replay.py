@@ -11,6 +11,7 @@ from tempo.serving.bench.learning_replay import (
     load_loop,
     prompt_index,
     replay_loop,
+    served_after_submission,
     window_stats,
 )
 
@@ -42,6 +43,14 @@ def test_an_ideal_bound_stays_within_more_often_in_wider_windows() -> None:
     wide = ideal_windows(600, 300, 0.9, 300, trials=400)
     assert 0.0 <= narrow["p_every_window_within_0.03"] < wide["p_every_window_within_0.03"] <= 1.0
     assert 0.6 < narrow["late_share_within_0.03"] < 0.9  # binomial: sd 0.03 at q = 0.9 over 100
+
+
+def test_a_bound_is_served_from_the_completions_back_when_its_request_was_sent() -> None:
+    # concurrency 2: prompts 0, 1 sent at once, prompt i when the (i - 1)-th answer came back; prompt 1's
+    # long answer comes back last, so its bound was served before anything was learned
+    ids = [0, 2, 3, 4, 1]
+    records = [{"request_id": f"chatcmpl-loop-{i}-x"} for i in ids]
+    assert served_after_submission(records, 2) == [0, 1, 2, 3, 0]
 
 
 def test_window_stats_judge_only_the_late_windows() -> None:

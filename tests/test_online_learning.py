@@ -101,3 +101,22 @@ def test_a_swapped_in_model_starts_calibrated_on_the_recent_completions() -> Non
         estimator.swap(ServedModel.load(small_artifact()))  # a new version: its calibrators start again
         factors[recent_size] = estimator.learner.factor("batch", "m", "Alpaca")
     assert factors[500] < 0.5 and factors[0] == 1.0
+
+
+def test_completions_are_learned_with_the_prompt_length_their_bound_was_served_for() -> None:
+    """A chat request's engine count includes its template; serving asked with a guess from the text and
+    records it, and both the online learner and the retrain learn with that guess (the features served)."""
+    from tempo.estimator.engine import Estimator
+    from tempo.estimator.retrain import samples_from_records
+    from tempo.models.features import FeatureSpec, PromptSketch, pack_sketch
+
+    spec = FeatureSpec()
+    sketch = pack_sketch(PromptSketch.of("say hi", spec), spec)
+    served = {"prompt_tokens": 40, "estimate_prompt_tokens": 2, "slo_class": "latency", "output_tokens": 3,
+              "finish_reason": "stop", "sketch": sketch}
+    older = {k: v for k, v in served.items() if k != "estimate_prompt_tokens"}  # any client's record
+    estimator = Estimator(0.9)
+    parsed = [estimator.parse(r) for r in (served, older)]
+    assert [o.request.prompt_tokens for o in parsed if o is not None] == [2, 40]
+    parts = samples_from_records([served, older], spec, fractions=(1.0, 0.0, 0.0))
+    assert sorted(r.prompt_tokens for r in parts["fit"].requests) == [2, 40]

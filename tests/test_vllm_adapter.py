@@ -258,13 +258,15 @@ def test_tokens_on_time_match_the_goodput_accounting(steps: list[tuple[float, in
 
 def test_deadline_record_fields() -> None:
     a = adapter()
-    req = Req("d", arrival_time=10.0, xargs={**xargs(deadline_s=5), "tempo_sketch": '{"n_chars": 3}'})
+    req = Req("d", arrival_time=10.0, xargs={**xargs(deadline_s=5), "tempo_sketch": '{"n_chars": 3}',
+                                             "tempo_estimate_prompt_tokens": 7})
     live = a.add(req)
     req.decode(4)
     a.on_tokens(live, 4, 12.0)
     record = a.finish(live, "length", 14.0)
     assert record["slo_met"] is True and record["good_tokens"] == 24 and record["bound"] == 50
-    assert record["sketch"] == '{"n_chars": 3}' and "d" not in a.live
-    late = a.add(Req("e", arrival_time=10.0, xargs=xargs(deadline_s=5)))
+    assert record["sketch"] == '{"n_chars": 3}' and record["estimate_prompt_tokens"] == 7 and "d" not in a.live
+    late = a.add(Req("e", arrival_time=10.0, xargs={**xargs(deadline_s=5), "tempo_estimate_prompt_tokens": "7"}))
     late.req.decode(2)
-    assert a.finish(late, "stop", 16.0)["slo_met"] is False
+    record = a.finish(late, "stop", 16.0)
+    assert record["slo_met"] is False and "estimate_prompt_tokens" not in record  # not an int: not recorded

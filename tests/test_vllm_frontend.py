@@ -14,7 +14,7 @@ import httpx
 import pytest
 from tempo.serving.vllm.config import ServeConfig
 from tempo.serving.vllm.frontend import SLOMiddleware, prompt_of
-from tempo.serving.vllm.slo_fields import SKETCH_KEY, ladder_from_xargs
+from tempo.serving.vllm.slo_fields import ESTIMATE_PROMPT_TOKENS_KEY, SKETCH_KEY, ladder_from_xargs
 
 from tests.estimator_stub import StubEstimator
 
@@ -63,6 +63,7 @@ def test_fields_are_normalised_and_a_ladder_and_sketch_added() -> None:
             ladder = ladder_from_xargs(xargs)
             assert ladder is not None and not ladder.fallback and ladder.initial <= 40  # capped at max_tokens
             assert json.loads(xargs[SKETCH_KEY])["n_chars"] == len("Write a haiku about queues.")
+            assert xargs[ESTIMATE_PROMPT_TOKENS_KEY] == 7  # 27 characters: what the ladder was asked for
             r = await http.post(CHAT, json=chat(), headers={"x-slo-ttft-ms": "800"})
             assert down.bodies[-1]["vllm_xargs"]["ttft_slo_s"] == 0.8
 

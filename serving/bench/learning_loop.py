@@ -168,7 +168,8 @@ def run_learning_loop(n: int = 600, concurrency: int = 16, max_tokens: int = 512
     return {"completions": len(records), "concurrency": concurrency, "max_tokens": max_tokens,
             "quantile": 0.9, "rolling": rolling(records, window, 0.9), "retrain": retrain, "models": models,
             "wall_s": round(time.perf_counter() - started, 1), "bounds_in_scheduling": comparison,
-            "records": [{k: r.get(k) for k in ("request_id", "slo_class", "app", "output_tokens", "bound",
-                                               "bound_fallback", "finish_reason")} for r in records],
+            "records": [{k: r[k] for k in ("request_id", "slo_class", "app", "prompt_tokens", "estimate_prompt_tokens",
+                                           "output_tokens", "bound", "bound_fallback", "finish_reason") if k in r}
+                        for r in records],
             "lengths": {"median_output": sorted(r["output_tokens"] for r in records)[len(records) // 2]
                         if records else None}}

@@ -5,8 +5,9 @@ doing or the luck of one order?
 length. The rolling coverage it reports is one path: 600 completions in one order, with windows of 100,
 where the binomial noise of a window alone (sd 0.03 at q = 0.9) is as large as the 0.03 the coverage is
 asked to stay within. This replays the same completions through the estimator's own code (``Estimator``:
-the batch model, the River model, the adaptive calibrators) without an engine, serving each request's
-bound ``lag`` completions behind (the loop's concurrency), in the recorded order and in random orders;
+the batch model, the River model, the adaptive calibrators) without an engine, in the recorded order (each
+bound served when its request was sent, from the completions back by then) and in random orders (each
+bound ``lag`` completions behind: the loop's concurrency);
 and it draws the same windows from an ideal bound (covered independently with probability q). The
 recorded order is also replayed with the loop's mid-run retrain (a batch model fitted on the completions so
 far, swapped in at once) and scored with the fallback bounds the loop served under load kept as served.
@@ -70,17 +71,36 @@ def retrained(records: Sequence[dict[str, Any]], quantile: float) -> Any:
                        frozenset(model.spec.models))
 
 
+def served_after_lag(n: int, lag: int) -> list[int]:
+    """Completions learned when each of ``n`` requests was served, had request k been sent as completion
+    k - lag - 1 came back (a random order carries no submission order of its own)."""
+    return [max(0, k - lag) for k in range(n)]
+
+
+def served_after_submission(records: Sequence[dict[str, Any]], concurrency: int) -> list[int]:
+    """Completions learned when each recorded request was served. The loop sends prompt i (its id's
+    ``loop-<i>``) when the (i - concurrency + 1)-th answer comes back, and records answers in completion
+    order, so a long answer's bound was served well before its place in the records (the lag alone would
+    serve it later, from a calibrator that has learned more)."""
+    out = []
+    for k, record in enumerate(records):
+        i = prompt_index(str(record["request_id"]))
+        out.append(min(k, max(0, (i if i is not None else k) - concurrency + 1)))
+    return out
+
+
 def replay_bounds(records: Sequence[dict[str, Any]], prompts: Sequence[tuple[str, str, str]], served: Any,
-                  lag: int, served_model: str, max_tokens: int, quantile: float = 0.9,
+                  served_after: Sequence[int], served_model: str, max_tokens: int, quantile: float = 0.9,
                   learner: Any = None, retrain_at: int | None = None, on_swap: str = "recalibrate") -> list[int]:
     """The bound the estimator would serve each record's request, learning from the records in the given
-    order; request k is served when completions 0 .. k - lag - 1 have been learned. ``retrain_at``: once
-    that many are learned, a batch model retrained on them is swapped in; ``on_swap``: its calibrators
-    learned from the recent completions as the service does (``recalibrate``), the old model's ``kept``,
-    or started ``afresh`` (the service before stop 23)."""
+    order; request k is served once the first ``served_after[k]`` of them have been learned, each with the
+    prompt lengths the engine recorded. ``retrain_at``: once that many are learned, a batch model retrained
+    on them is swapped in; ``on_swap``: its calibrators learned from the recent completions as the service
+    does (``recalibrate``), the old model's ``kept``, or started ``afresh`` (the service before stop 23)."""
     from tempo.estimator.engine import Estimator
     from tempo.estimator.schemas import EstimateRequest
     from tempo.models.features import FeatureSpec, PromptSketch, pack_sketch
+    from tempo.scheduler.bounds import prompt_tokens_of_text
 
     estimator = Estimator(quantile, learner=learner)
     estimator.swap(served)
@@ -92,28 +112,33 @@ def replay_bounds(records: Sequence[dict[str, Any]], prompts: Sequence[tuple[str
 
     spec = FeatureSpec()
     learned: list[dict[str, Any]] = []
-    bounds = []
-    for k, record in enumerate(records):
-        if k - lag - 1 >= 0:
-            done = records[k - lag - 1]
-            f = fields(done)
-            learned.append({**{key: v for key, v in f.items() if key != "prompt"},
-                            "sketch": pack_sketch(PromptSketch.of(f["prompt"], spec), spec),
-                            "prompt_tokens": len(f["prompt"]) // 4, "output_tokens": done["output_tokens"],
-                            "finish_reason": done.get("finish_reason")})
-            estimator.apply(learned[-1:])
-            if len(learned) == retrain_at:
-                new = retrained(learned, quantile)
-                if on_swap == "recalibrate":
-                    estimator.swap(new)
-                else:
-                    estimator.served = new
-                    if on_swap == "afresh":
-                        estimator.learner.reset_source("batch")
-        f = fields(record)
+
+    def learn(done: dict[str, Any]) -> None:
+        f = fields(done)
+        # the prompt lengths the engine recorded (files before stop 24 have neither: the text's guess)
+        lengths = {key: done[key] for key in ("prompt_tokens", "estimate_prompt_tokens") if key in done}
+        learned.append({**{key: v for key, v in f.items() if key != "prompt"},
+                        "sketch": pack_sketch(PromptSketch.of(f["prompt"], spec), spec),
+                        "prompt_tokens": prompt_tokens_of_text(f["prompt"]), **lengths,
+                        "output_tokens": done["output_tokens"], "finish_reason": done.get("finish_reason")})
+        estimator.apply(learned[-1:])
+        if len(learned) == retrain_at:
+            new = retrained(learned, quantile)
+            if on_swap == "recalibrate":
+                estimator.swap(new)
+            else:
+                estimator.served = new
+                if on_swap == "afresh":
+                    estimator.learner.reset_source("batch")
+
+    bounds = [0] * len(records)
+    for k in sorted(range(len(records)), key=lambda k: served_after[k]):
+        while len(learned) < served_after[k]:
+            learn(records[len(learned)])
+        f = fields(records[k])
         request = EstimateRequest(prompt=f["prompt"], slo_class=f["slo_class"], app=f["app"], model=served_model,
                                   max_tokens=max_tokens)
-        bounds.append(estimator.estimate([request])[0].upper_bound)
+        bounds[k] = estimator.estimate([request])[0].upper_bound
     return bounds
 
 
@@ -170,7 +195,8 @@ def replay_loop(path: Path, orders: int = 12, windows: Sequence[int] = (100, 200
     data = load_loop(path)
     records = [r for r in data["records"] if r.get("finish_reason") in TRUE_LENGTHS]
     quantile = float(data.get("quantile", 0.9))
-    lag = max(0, int(data.get("concurrency", 16)) - 1)
+    concurrency = int(data.get("concurrency", 16))
+    lag = max(0, concurrency - 1)
     max_tokens = int(data.get("max_tokens", 512))
     prompts = loop_prompts(max(prompt_index(str(r["request_id"])) or 0 for r in records) + 1)
     served = ServedModel.load(artifact or bootstrap_artifact())
@@ -181,8 +207,10 @@ def replay_loop(path: Path, orders: int = 12, windows: Sequence[int] = (100, 200
         rng.shuffle(shuffled)
         paths[f"order {k + 1}"] = shuffled
     replayed: dict[str, list[dict[str, Any]]] = {}
+    at_submission = served_after_submission(records, concurrency)
     for n, (name, order) in enumerate(paths.items()):
-        bounds = replay_bounds(order, prompts, served, lag, served_model, max_tokens, quantile)
+        after_learned = at_submission if order is records else served_after_lag(len(order), lag)
+        bounds = replay_bounds(order, prompts, served, after_learned, served_model, max_tokens, quantile)
         replayed[name] = [{**r, "bound": b} for r, b in zip(order, bounds, strict=True)]
         if on_progress is not None:
             on_progress((n + 1) / len(paths))
@@ -192,6 +220,8 @@ def replay_loop(path: Path, orders: int = 12, windows: Sequence[int] = (100, 200
     # and with its retrain (if one was activated), each way a swapped-in model's calibrators can start
     with_fallbacks = [r if r.get("bound_fallback") and r.get("bound") else p
                       for r, p in zip(records, replayed["recorded order"], strict=True)]
+    at_lag = replay_bounds(records, prompts, served, served_after_lag(len(records), lag), served_model, max_tokens,
+                           quantile)  # each bound served at its place in the records (the replay before stop 24)
     out["fallbacks"] = sum(bool(r.get("bound_fallback")) for r in records)
     retrain = data.get("retrain") or {}
     out["retrain_at"] = retrain_at = (int(retrain["started_at"]) if (retrain.get("report") or {}).get("status")
@@ -201,7 +231,7 @@ def replay_loop(path: Path, orders: int = 12, windows: Sequence[int] = (100, 200
         for name, on_swap in (("replayed_recorded_order_with_its_retrain", "recalibrate"),
                               ("replayed_recorded_order_with_its_retrain_calibrators_kept", "kept"),
                               ("replayed_recorded_order_with_its_retrain_calibrators_afresh", "afresh")):
-            bounds = replay_bounds(records, prompts, served, lag, served_model, max_tokens, quantile,
+            bounds = replay_bounds(records, prompts, served, at_submission, served_model, max_tokens, quantile,
                                    retrain_at=retrain_at, on_swap=on_swap)
             with_retrain[name] = [{**r, "bound": b} for r, b in zip(records, bounds, strict=True)]
     for window in windows:
@@ -209,6 +239,8 @@ def replay_loop(path: Path, orders: int = 12, windows: Sequence[int] = (100, 200
             "recorded": window_stats(records, window, quantile, after),
             "replayed_recorded_order": window_stats(replayed["recorded order"], window, quantile, after),
             "replayed_recorded_order_with_its_fallbacks": window_stats(with_fallbacks, window, quantile, after),
+            "replayed_recorded_order_served_at_lag": window_stats(
+                [{**r, "bound": b} for r, b in zip(records, at_lag, strict=True)], window, quantile, after),
             **{name: window_stats(v, window, quantile, after) for name, v in with_retrain.items()},
             "replayed_random_orders": summarize_orders(
                 [window_stats(v, window, quantile, after) for k, v in replayed.items() if k != "recorded order"],

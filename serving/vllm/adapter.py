@@ -44,6 +44,7 @@ from tempo.scheduler.jobs import JobGraph
 from tempo.scheduler.slo import SLOClass
 from tempo.scheduler.step_rules import plan_step
 from tempo.serving.vllm.slo_fields import (
+    ESTIMATE_PROMPT_TOKENS_KEY,
     SKETCH_KEY,
     RequestSLO,
     SLODefaults,
@@ -106,6 +107,7 @@ class LiveRequest:
         "bound",
         "demoted",
         "done",
+        "estimate_prompt_tokens",
         "first_token_s",
         "id",
         "job",
@@ -129,7 +131,7 @@ class LiveRequest:
     running_status: Any = "RUNNING"  # vLLM's RequestStatus.RUNNING (the plug-in sets it)
 
     def __init__(self, req: EngineRequest, rslo: RequestSLO, ladder: BoundLadder, job: JobTrack | None,
-                 sketch: Any) -> None:
+                 sketch: Any, estimate_prompt_tokens: Any = None) -> None:
         self.req = req
         self.id: str = req.request_id
         self.slo = rslo.slo
@@ -153,6 +155,10 @@ class LiveRequest:
         self.state: RequestState | None = None
         self.key: tuple[Any, ...] | None = None
         self.sketch = sketch
+        # the prompt length the front end asked the estimator with (the learner learns with it, too)
+        self.estimate_prompt_tokens = (estimate_prompt_tokens if isinstance(estimate_prompt_tokens, int)
+                                       and not isinstance(estimate_prompt_tokens, bool)
+                                       and estimate_prompt_tokens >= 0 else None)
 
     # -- the step rule's view (tempo.scheduler.step_rules.StepRequest) ----------------------------
     @property
@@ -294,7 +300,7 @@ class EngineAdapter:
             job.live_calls += 1
             job.version += 1
             job.last_seen_s = req.arrival_time
-        live = LiveRequest(req, rslo, ladder, job, xargs.get(SKETCH_KEY))
+        live = LiveRequest(req, rslo, ladder, job, xargs.get(SKETCH_KEY), xargs.get(ESTIMATE_PROMPT_TOKENS_KEY))
         self.live[live.id] = live
         self.dirty = True
         return live
@@ -512,6 +518,8 @@ class EngineAdapter:
             record["job_id"], record["stage"] = r.job_id, r.stage
         if r.sketch is not None:
             record["sketch"] = r.sketch
+        if r.estimate_prompt_tokens is not None:
+            record["estimate_prompt_tokens"] = r.estimate_prompt_tokens
         return record
 
     def _expire_jobs(self, now: float) -> None:

@@ -30,13 +30,13 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from tempo.scheduler.bounds import BoundLadder, BoundQuery
+from tempo.scheduler.bounds import BoundLadder, BoundQuery, prompt_tokens_of_text
 from tempo.scheduler.slo import SLOClass
 from tempo.serving.vllm import gc_pauses, loop_lag
 from tempo.serving.vllm.admission import QUEUE_FULL, JobAdmission
 from tempo.serving.vllm.config import ServeConfig
 from tempo.serving.vllm.slo_fields import (
-    PROMPT_CHARS_KEY,
+    ESTIMATE_PROMPT_TOKENS_KEY,
     SKETCH_KEY,
     RequestSLO,
     SLOFieldError,
@@ -238,24 +238,26 @@ class SLOMiddleware:
             raise RequestRefused(400, f"prompt over {self.config.max_prompt_chars} characters", "BadRequestError",
                                  "messages" if "messages" in data else "prompt")
         max_tokens = _max_tokens(data)
+        if prompt_tokens is None:
+            prompt_tokens = prompt_tokens_of_text(text)
         ladder = await self.ladder(rslo, text, prompt_tokens, max_tokens)
         out = {k: v for k, v in (xargs or {}).items() if k not in rslo.to_xargs()}
         out.update(rslo.to_xargs())
         out.update(ladder_to_xargs(ladder))
+        out[ESTIMATE_PROMPT_TOKENS_KEY] = prompt_tokens  # the completion record carries it for the learner
         if text is not None:
             out[SKETCH_KEY] = _sketch(text)
-            out[PROMPT_CHARS_KEY] = len(text)
         data["vllm_xargs"] = out
         return json.dumps(data).encode()
 
-    async def ladder(self, rslo: RequestSLO, text: str | None, prompt_tokens: int | None,
+    async def ladder(self, rslo: RequestSLO, text: str | None, prompt_tokens: int,
                      max_tokens: int | None) -> BoundLadder:
         cls = rslo.slo.slo_class
         client = self._estimator()
         if client is None:
             self.metrics.estimates.labels("local").inc()
             return self.bounds.ladder(cls, rslo.app, max_tokens)
-        query = BoundQuery("q", prompt_tokens or max(1, len(text or "") // 4), cls, rslo.app,
+        query = BoundQuery("q", prompt_tokens, cls, rslo.app,
                            self.config.estimator_model or self.config.served_model, text)
         started = time.perf_counter()
         before = client.fallbacks

@@ -39,7 +39,7 @@ LADDER_KEY = "tempo_ladder"
 QUANTILE_KEY = "tempo_quantile"
 FALLBACK_KEY = "tempo_bound_fallback"
 SKETCH_KEY = "tempo_sketch"
-PROMPT_CHARS_KEY = "tempo_prompt_chars"
+ESTIMATE_PROMPT_TOKENS_KEY = "tempo_estimate_prompt_tokens"  # the prompt length the ladder was asked for
 
 
 class SLOFieldError(ValueError):
