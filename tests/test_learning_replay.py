@@ -77,3 +77,20 @@ def test_the_replay_learns_short_answers_down_from_the_bootstrap_bound(tmp_path:
     # no random orders: their summary is empty, not an error
     alone = replay_loop(path, orders=0, windows=(40,), after=80, artifact=small_artifact())
     assert alone["windows"]["40"]["replayed_random_orders"]["late_mean_coverage"] is None
+
+
+def test_a_loop_recording_both_prompt_lengths_is_also_replayed_learning_the_engines(tmp_path: Path) -> None:
+    from tempo.estimator.castillo_stream import small_artifact
+
+    records = [{"request_id": f"chatcmpl-loop-{i}-x", "slo_class": "latency", "app": "chat/Alpaca",
+                "prompt_tokens": 40 + i % 7, "estimate_prompt_tokens": 5 + i % 7, "output_tokens": 10 + i % 5,
+                "bound": 512, "finish_reason": "stop"} for i in range(120)]
+    path = tmp_path / "loop.json"
+    path.write_text(json.dumps({"records": records, "concurrency": 4, "max_tokens": 512, "quantile": 0.9,
+                                "retrain": {"started_at": 80, "report": {"status": "activated"}}}))
+    report = replay_loop(path, orders=0, windows=(40,), after=80, artifact=small_artifact())
+    paths = report["windows"]["40"]
+    assert report["retrain_at"] == 80
+    for name in ("replayed_recorded_order_with_its_retrain", "replayed_recorded_order_served_at_lag",
+                 "replayed_recorded_order_with_its_retrain_learning_engine_prompt_tokens"):
+        assert paths[name]["late_mean_coverage"] is not None

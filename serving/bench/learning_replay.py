@@ -91,12 +91,15 @@ def served_after_submission(records: Sequence[dict[str, Any]], concurrency: int)
 
 def replay_bounds(records: Sequence[dict[str, Any]], prompts: Sequence[tuple[str, str, str]], served: Any,
                   served_after: Sequence[int], served_model: str, max_tokens: int, quantile: float = 0.9,
-                  learner: Any = None, retrain_at: int | None = None, on_swap: str = "recalibrate") -> list[int]:
+                  learner: Any = None, retrain_at: int | None = None, on_swap: str = "recalibrate",
+                  learn_with: str = "served") -> list[int]:
     """The bound the estimator would serve each record's request, learning from the records in the given
     order; request k is served once the first ``served_after[k]`` of them have been learned, each with the
     prompt lengths the engine recorded. ``retrain_at``: once that many are learned, a batch model retrained
     on them is swapped in; ``on_swap``: its calibrators learned from the recent completions as the service
-    does (``recalibrate``), the old model's ``kept``, or started ``afresh`` (the service before stop 23)."""
+    does (``recalibrate``), the old model's ``kept``, or started ``afresh`` (the service before stop 23).
+    ``learn_with``: the prompt length learned with, the one the bound was asked for (``served``: the service
+    since stop 24) or the engine's count (``engine``: before)."""
     from tempo.estimator.engine import Estimator
     from tempo.estimator.schemas import EstimateRequest
     from tempo.models.features import FeatureSpec, PromptSketch, pack_sketch
@@ -117,6 +120,8 @@ def replay_bounds(records: Sequence[dict[str, Any]], prompts: Sequence[tuple[str
         f = fields(done)
         # the prompt lengths the engine recorded (files before stop 24 have neither: the text's guess)
         lengths = {key: done[key] for key in ("prompt_tokens", "estimate_prompt_tokens") if key in done}
+        if learn_with == "engine":
+            lengths.pop("estimate_prompt_tokens", None)
         learned.append({**{key: v for key, v in f.items() if key != "prompt"},
                         "sketch": pack_sketch(PromptSketch.of(f["prompt"], spec), spec),
                         "prompt_tokens": prompt_tokens_of_text(f["prompt"]), **lengths,
@@ -216,10 +221,12 @@ def replay_loop(path: Path, orders: int = 12, windows: Sequence[int] = (100, 200
             on_progress((n + 1) / len(paths))
     out: dict[str, Any] = {"source": str(path), "completions": len(records), "quantile": quantile, "lag": lag,
                            "max_tokens": max_tokens, "after": after, "windows": {}}
+    def fallbacks_kept(replay: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r if r.get("bound_fallback") and r.get("bound") else p for r, p in zip(records, replay, strict=True)]
+
     # the recorded order again: with the bounds the live loop took from its local fallback kept as served,
     # and with its retrain (if one was activated), each way a swapped-in model's calibrators can start
-    with_fallbacks = [r if r.get("bound_fallback") and r.get("bound") else p
-                      for r, p in zip(records, replayed["recorded order"], strict=True)]
+    with_fallbacks = fallbacks_kept(replayed["recorded order"])
     at_lag = replay_bounds(records, prompts, served, served_after_lag(len(records), lag), served_model, max_tokens,
                            quantile)  # each bound served at its place in the records (the replay before stop 24)
     out["fallbacks"] = sum(bool(r.get("bound_fallback")) for r in records)
@@ -234,6 +241,14 @@ def replay_loop(path: Path, orders: int = 12, windows: Sequence[int] = (100, 200
             bounds = replay_bounds(records, prompts, served, at_submission, served_model, max_tokens, quantile,
                                    retrain_at=retrain_at, on_swap=on_swap)
             with_retrain[name] = [{**r, "bound": b} for r, b in zip(records, bounds, strict=True)]
+        if any("estimate_prompt_tokens" in r for r in records):  # the service before stop 24, on this path
+            bounds = replay_bounds(records, prompts, served, at_submission, served_model, max_tokens, quantile,
+                                   retrain_at=retrain_at, learn_with="engine")
+            with_retrain["replayed_recorded_order_with_its_retrain_learning_engine_prompt_tokens"] = [
+                {**r, "bound": b} for r, b in zip(records, bounds, strict=True)]
+        # what the engine ran: the retrain, and the fallback bounds it served while the service was slow
+        with_retrain["replayed_recorded_order_with_its_retrain_and_fallbacks"] = fallbacks_kept(
+            with_retrain["replayed_recorded_order_with_its_retrain"])
     for window in windows:
         out["windows"][str(window)] = {
             "recorded": window_stats(records, window, quantile, after),
