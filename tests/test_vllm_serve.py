@@ -146,6 +146,21 @@ def test_redis_outage_loses_and_duplicates_no_completion(served: Served) -> None
     assert {t: len(records.get(t, [])) for t in during} == dict.fromkeys(during, 1)
 
 
+def test_compound_calls_are_scheduled_with_the_services_job_outlook(served: Served) -> None:
+    job = {"slo_class": "compound", "job_id": "J-outlook", "job_deadline_s": 60, "app": "deep_research"}
+    asked = len(served.estimator.job_queries)
+    assert chat(served, "jo0", {**job, "stage": 0}).status_code == 200
+    assert chat(served, "jo1", {**job, "stage": 1}).status_code == 200
+    queries = [q for q in served.estimator.job_queries[asked:] if q["app"] == "deep_research"]
+    assert [q["stage"] for q in queries] == [0, 1]
+    # the engine sends what it saw of the job: stage 0's call (its prompt, its 8 tokens) before stage 1
+    (stage0,) = queries[1]["history"]
+    assert len(stage0) == 1 and stage0[0][0] == queries[0]["stage_prompts"][0] and stage0[0][1] == 8
+    text = httpx.get(f"{served.url}/metrics", timeout=10).text
+    service = [line for line in text.splitlines() if line.startswith('tempo_job_outlooks_total{source="service"}')]
+    assert service and float(service[0].split()[-1]) >= 2
+
+
 def test_tempo_metrics_are_served_beside_vllms(served: Served) -> None:
     chat(served, "m", {"deadline_s": 60})
     time.sleep(1)

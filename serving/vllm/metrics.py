@@ -10,8 +10,8 @@ within their SLO, counted as ``tempo.scheduler.goodput`` does; a compound *call*
 its job's deadline), delivered tokens, and the bound's coverage (finished requests whose output stayed
 within the initial bound), plus rolling attainment and coverage over the last ``WINDOW`` requests.
 Engine side: decisions and their time, preemptions by whom, rejections, demotions, skipped steps,
-completion records by fate. Front end: estimator calls by result, refused and bad requests, the garbage
-collector's pauses and the event loop's lag.
+completion records by fate, compound-job outlooks by source. Front end: estimator calls by result, refused
+and bad requests, the garbage collector's pauses and the event loop's lag.
 """
 
 from __future__ import annotations
@@ -54,7 +54,15 @@ class EngineMetrics:
         self.skips = Counter("tempo_paced_skips", "Resident-steps a running request was skipped (paused or "
                              "ahead of its pace).")
         self.records = Counter("tempo_completion_records", "Completion records by fate.", ["state"])
+        self.job_outlooks = Counter("tempo_job_outlooks", "Compound-job outlooks by source (service: the "
+                                    "estimator's /v1/jobs:estimate; local: the engine's own graphs).", ["source"])
+        self.job_outlook_seconds = Histogram("tempo_job_outlook_seconds", "Time to get a job outlook (inside "
+                                             "a policy decision).", buckets=(1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1))
         self._recent: dict[str, deque[tuple[bool, bool | None]]] = defaultdict(lambda: deque(maxlen=WINDOW))
+
+    def observe_job_outlook(self, source: str, seconds: float) -> None:
+        self.job_outlooks.labels(source).inc()
+        self.job_outlook_seconds.observe(seconds)
 
     def observe_record(self, record: dict[str, Any]) -> None:
         cls = str(record.get("slo_class"))

@@ -135,7 +135,16 @@ class TempoSchedulerMixin:
         config = self.tempo_config = ServeConfig.from_env()
         LiveRequest.running_status = RequestStatus.RUNNING
         bounds = local_bounds(config.bounds_model, config.quantile, config.local_bounds)
-        context = PolicyContext(job_profile=bounds.job_profile, job_graphs=bounds.job_graphs)
+        self.tempo_metrics = engine_metrics()
+        self.tempo_job_outlook = None
+        job_outlook: Any = bounds.job_graphs
+        if config.estimator_url:  # jobs learned by the service from every replica's records; ours as fallback
+            from tempo.serving.vllm.job_outlook import ServiceJobOutlook
+
+            job_outlook = self.tempo_job_outlook = ServiceJobOutlook(
+                config.estimator_url, bounds.job_graphs, timeout_s=config.estimator_timeout_s,
+                on_answer=self.tempo_metrics.observe_job_outlook)
+        context = PolicyContext(job_profile=bounds.job_profile, job_graphs=job_outlook)
         policy = make_policy(config.policy, context, **config.policy_params)
         self.tempo_budget = int(self.max_num_scheduled_tokens)
         slots = config.step_slots or int(self.max_num_running_reqs)
@@ -147,7 +156,6 @@ class TempoSchedulerMixin:
                                    config.job_ttl_s, learn_job=bounds.job_graphs.add)
         self.tempo_timer = StepTimer(engine_timing(load_profile(config.profile)), self.tempo_budget)
         self.waiting = PlannedWaitingQueue(self.waiting)
-        self.tempo_metrics = engine_metrics()
         self._tempo_policy_errors = 0
         store = None
         if config.redis_url:
@@ -336,11 +344,14 @@ class TempoSchedulerMixin:
                 "timing": {"base_s": timing.base_s, "per_seq_s": timing.per_seq_s,
                            "per_kv_token_s": timing.per_kv_token_s, "per_prefill_token_s": timing.per_prefill_token_s,
                            "recent_step_s": timing.recent_step_s, "fitted_steps": self.tempo_timer.steps},
-                "bad_fields": self.tempo.bad_fields}
+                "bad_fields": self.tempo.bad_fields,
+                "job_outlooks": dict(self.tempo_job_outlook.answered) if self.tempo_job_outlook else None}
 
     def shutdown(self) -> None:
         self._tempo_flush_metrics()
         self.tempo_writer.stop()
+        if self.tempo_job_outlook is not None:
+            self.tempo_job_outlook.close()
         super().shutdown()  # type: ignore[misc]
 
 
