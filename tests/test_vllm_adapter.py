@@ -211,6 +211,9 @@ def test_demotion_preemption_and_budget() -> None:
     assert [r.id for r in applied.preempt] == ["run"]  # only residents can be preempted
     assert a.live["wait"].demoted and a.budget == 128 and a.stats.budget_cuts == 1
     assert not a.due()
+    assert a.stats.demotions_by_class == {a.live["wait"].slo.slo_class.value: 1}
+    a.apply(Decision(run=("run",), demote=("wait",)), now=100.0)  # a request is demoted once
+    assert a.stats.demotions == 1 and sum(a.stats.demotions_by_class.values()) == 1
 
 
 def test_the_plan_skips_paused_and_ahead_residents_and_admits_in_run_order() -> None:

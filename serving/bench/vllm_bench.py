@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tempo.scheduler.goodput import account
+from tempo.scheduler.slo import SLOClass
 from tempo.serving.bench.engine_client import ReplayConfig, ReplayResult, replay, scrape_metrics
 from tempo.serving.vllm.launch import ManagedServer
 from tempo.serving.workloads.format import WorkloadRequest
@@ -78,6 +79,8 @@ def summarize_run(policy: str, repeat: int, workload: Sequence[WorkloadRequest],
             "vllm_preemptions": _delta(after, before, "vllm:num_preemptions_total"),
             "rejections": _delta(after, before, "tempo_rejections_total"),
             "demotions": _delta(after, before, "tempo_demotions_total"),
+            "demotions_by_class": {c.value: n for c in SLOClass if (n := _delta(
+                after, before, f'tempo_demotions_total{{slo_class="{c.value}"}}'))},
             "paced_skips": _delta(after, before, "tempo_paced_skips_total"),
             "refused": _delta(after, before, "tempo_refused_total"),
         },

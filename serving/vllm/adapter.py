@@ -201,6 +201,7 @@ class AdapterStats:
     rejected_by_job_abort: int = 0
     jobs_learned: int = 0  # finished compound jobs handed to the graph matcher
     demotions: int = 0
+    demotions_by_class: dict[str, int] = field(default_factory=dict)  # SLO class -> requests demoted
     budget_cuts: int = 0  # decisions that lowered the token budget
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,7 +216,7 @@ class AdapterStats:
                 "held_waiting": self.held_waiting, "policy_preemptions": self.policy_preemptions,
                 "engine_preemptions": self.engine_preemptions, "rejections": self.rejections,
                 "rejected_by_job_abort": self.rejected_by_job_abort, "demotions": self.demotions,
-                "budget_cuts": self.budget_cuts}
+                "demotions_by_class": dict(self.demotions_by_class), "budget_cuts": self.budget_cuts}
 
 
 @dataclass(frozen=True)
@@ -377,6 +378,8 @@ class EngineAdapter:
             if r is not None and not r.demoted:
                 r.demoted = True
                 self.stats.demotions += 1
+                cls = r.slo.slo_class.value
+                self.stats.demotions_by_class[cls] = self.stats.demotions_by_class.get(cls, 0) + 1
         preempt = [r for r in (live.get(p.request_id) for p in decision.preempt)
                    if r is not None and r.rejected is None and r.phase is RUNNING]
         self.stats.policy_preemptions += len(preempt)

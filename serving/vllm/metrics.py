@@ -9,9 +9,9 @@ Per class (``slo_class``): finished requests by outcome, good tokens (the goodpu
 within their SLO, counted as ``tempo.scheduler.goodput`` does; a compound *call* counts when it is done by
 its job's deadline), delivered tokens, and the bound's coverage (finished requests whose output stayed
 within the initial bound), plus rolling attainment and coverage over the last ``WINDOW`` requests.
-Engine side: decisions and their time, preemptions by whom, rejections, demotions, skipped steps,
-completion records by fate, compound-job outlooks by source. Front end: estimator calls by result, refused
-and bad requests, the garbage collector's pauses and the event loop's lag.
+Engine side: decisions and their time, preemptions by whom, rejections and demotions by class, skipped
+steps, completion records by fate, compound-job outlooks by source. Front end: estimator calls by result,
+refused and bad requests, the garbage collector's pauses and the event loop's lag.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class EngineMetrics:
                                           buckets=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0))
         self.preemptions = Counter("tempo_preemptions", "Preemptions (recompute) by who asked.", ["by"])
         self.rejections = Counter("tempo_rejections", "Requests rejected by the policy.", ["slo_class"])
-        self.demotions = Counter("tempo_demotions", "Requests demoted to best effort by the policy.")
+        self.demotions = Counter("tempo_demotions", "Requests demoted to best effort by the policy, by class.",
+                                 ["slo_class"])
         self.skips = Counter("tempo_paced_skips", "Resident-steps a running request was skipped (paused or "
                              "ahead of its pace).")
         self.records = Counter("tempo_completion_records", "Completion records by fate.", ["state"])

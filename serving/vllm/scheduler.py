@@ -327,10 +327,11 @@ class TempoSchedulerMixin:
     def _tempo_flush_metrics(self) -> None:
         """Step-loop counters to Prometheus, as deltas (every ``METRICS_EVERY`` steps)."""
         stats, flushed, metrics = self.tempo.stats, self._tempo_flushed, self.tempo_metrics
-        for name, counter in (("paced_skips", metrics.skips), ("demotions", metrics.demotions)):
-            value = getattr(stats, name)
-            counter.inc(value - flushed.get(name, 0))
-            flushed[name] = value
+        metrics.skips.inc(stats.paced_skips - flushed.get("paced_skips", 0))
+        flushed["paced_skips"] = stats.paced_skips
+        for cls, value in stats.demotions_by_class.items():
+            metrics.demotions.labels(cls).inc(value - flushed.get(f"demotions:{cls}", 0))
+            flushed[f"demotions:{cls}"] = value
         writer = self.tempo_writer.counters()
         for state in ("written", "duplicates", "dropped", "spilled"):
             metrics.records.labels(state).inc(writer[state] - flushed.get(state, 0))
