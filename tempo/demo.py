@@ -33,8 +33,8 @@ SERVED = "SmolLM2-135M-Instruct"
 # compound calls (which carry no text: forced lengths) to COMPOUND_PROMPT / COMPOUND_OUTPUT tokens, keeps
 # text prompts under MAX_PROMPT_CHARS and caps answers at ANSWER_CAP tokens (docs/serving.md says so).
 COMPOUND_PROMPT, COMPOUND_OUTPUT, MAX_PROMPT_CHARS, ANSWER_CAP = 256, 96, 2000, 192
-# The cut jobs are not the deep-research jobs the graph stores were built from (their calls are 5-15x
-# smaller): under the same app name every outlook would expect the uncut job's remaining work, and Tempo
+# The cut jobs are not the deep-research jobs the graph stores were built from (their calls are several
+# times smaller): under the same app name every outlook would expect the uncut job's remaining work, and Tempo
 # would give up jobs that finish easily. Under an app of their own, the estimator service learns them from
 # the records of the calls it has served (the engine's own store too, from the jobs it has finished).
 COMPOUND_APP = "deep_research_cut"

@@ -31,3 +31,9 @@ def test_the_cut_compound_jobs_are_an_app_of_their_own() -> None:
     assert max(w.output_tokens for w in others) <= ANSWER_CAP
     store: GraphStore = fit_job_graphs(workload, 0.9)
     assert COMPOUND_APP not in store.apps() and store.apps().get(TRAINED_APP, 0) > 0
+    # what the uncut jobs' graphs expect after stage 0 is more than any cut job has left: matched against
+    # them, a cut job would look several times longer than it is
+    stages = max(w.stage for w in compound) + 1
+    uncut = store.outlook(TRAINED_APP, 0, (), [COMPOUND_PROMPT])
+    assert uncut.decode_tokens_after > 2 * COMPOUND_OUTPUT * (stages - 1)
+    assert uncut.prefill_tokens_after > 2 * COMPOUND_PROMPT * (stages - 1)
