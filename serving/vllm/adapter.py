@@ -200,9 +200,12 @@ class AdapterStats:
     rejections: int = 0
     rejected_by_job_abort: int = 0
     jobs_learned: int = 0  # finished compound jobs handed to the graph matcher
-    demotions: int = 0
     demotions_by_class: dict[str, int] = field(default_factory=dict)  # SLO class -> requests demoted
     budget_cuts: int = 0  # decisions that lowered the token budget
+
+    @property
+    def demotions(self) -> int:
+        return sum(self.demotions_by_class.values())
 
     def to_dict(self) -> dict[str, Any]:
         samples = sorted(self.decision_s)
@@ -377,7 +380,6 @@ class EngineAdapter:
             r = live.get(rid)
             if r is not None and not r.demoted:
                 r.demoted = True
-                self.stats.demotions += 1
                 cls = r.slo.slo_class.value
                 self.stats.demotions_by_class[cls] = self.stats.demotions_by_class.get(cls, 0) + 1
         preempt = [r for r in (live.get(p.request_id) for p in decision.preempt)

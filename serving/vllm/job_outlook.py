@@ -40,7 +40,6 @@ class ServiceJobOutlook:
         if timeout_s <= 0 or cooldown_s < 0:
             raise ValueError("timeout_s must be > 0 and cooldown_s >= 0")
         self.local = local
-        self.timeout_s = timeout_s
         self.cooldown_s = cooldown_s
         self.clock = clock
         self.on_answer = on_answer
